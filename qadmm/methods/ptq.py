@@ -1,0 +1,33 @@
+"""PTQ: post-training quantization. Each weight tensor is projected onto the code set with the
+alternating α/Q fit (thesis Algorithm 4); biases, BatchNorm and kept layers stay float."""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from qadmm.codes import fit
+from qadmm.data import Dataset
+from qadmm.layers import quantizable_layers
+from qadmm.spec import LayerCodes, QuantResult, QuantSpec, apply_codes
+
+
+@dataclass
+class Params:
+    max_iter: int = 30  # alternating α/Q rounds per start
+    patience: int = 3  # stop after this many non-improving rounds
+
+
+def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
+    p = spec.resolve(Params)
+    model = copy.deepcopy(model)
+    layers = {}
+    history = []
+    for name, m in quantizable_layers(model, spec.keep_first, spec.keep_last):
+        f = fit(m.weight.detach(), spec.codes, spec.per_channel, max_iter=p.max_iter, patience=p.patience)
+        layers[name] = LayerCodes(f.q, f.alpha, spec.codes)
+        rel = (f.error / max(float((m.weight.detach() ** 2).sum()), 1e-30)) ** 0.5
+        history.append({"layer": name, "rel_error": rel})
+    apply_codes(model, layers)
+    return QuantResult(model, layers, "ptq", asdict(p), history)

@@ -1,0 +1,101 @@
+"""Float training with early stopping, and evaluation; shared by `qexport train` and the back-ends."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qadmm.data import Dataset
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits for x in evaluation mode, batched (float32)."""
+    model.eval()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    return torch.cat([model(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]) if len(xt) else torch.empty(0)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent."""
+    return float((predict(model, x, batch_size).argmax(1).numpy() == y).mean() * 100)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    patience: int = 10  # epochs without validation improvement before stopping
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    best_val: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator):
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch_size):
+        yield perm[i : i + batch_size]
+
+
+def train_epochs(
+    model: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    params: list[torch.nn.Parameter] | None = None,
+    loss_extra=None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Adam on cross-entropy (+ `loss_extra()` if given) over `params` (default: all), keeping the
+    weights with the best validation accuracy (early stopping with `cfg.patience`)."""
+    gen = seed_everything(cfg.seed)
+    params = list(model.parameters()) if params is None else params
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    x = torch.as_tensor(data.x_train)
+    y = torch.as_tensor(data.y_train)
+    ce = nn.CrossEntropyLoss()
+    best_val, best_epoch, best_state = accuracy(model, data.x_val, data.y_val), 0, copy.deepcopy(model.state_dict())
+    history: list[dict] = []
+    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False)
+    epoch = 0
+    for epoch in bar:
+        model.train()
+        total, count = 0.0, 0
+        for idx in batches(len(x), cfg.batch_size, gen):
+            opt.zero_grad()
+            loss = ce(model(x[idx]), y[idx])
+            if loss_extra is not None:
+                loss = loss + loss_extra()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        sched.step()
+        val = accuracy(model, data.x_val, data.y_val)
+        history.append({"epoch": epoch, "loss": total / count, "val_acc": val})
+        bar.set_postfix(loss=f"{total / count:.4f}", val=f"{val:.2f}%")
+        if val > best_val:
+            best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    return TrainResult(best_val, best_epoch, epoch, history)

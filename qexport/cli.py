@@ -1,0 +1,257 @@
+"""The `qexport` command line: train, quantize, inspect (and the export commands added beside)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from qadmm.errors import UserError
+
+EPILOG_QUANTIZE = """\b
+Examples:
+  qexport quantize                                  # digits, mlp-digits, the default method, 4 bits
+  qexport quantize --data seeds --data-dir ../shared/data --bits 2 --scheme thesis
+  qexport quantize --checkpoint models/digits-mlp.safetensors --bits 1 -o digits-1b.qx.safetensors
+  qexport quantize --data mnist-10k --method ptq --bits 8 --per-channel
+"""
+
+
+class Group(click.Group):
+    """Bad input becomes one line on stderr and exit status 2 (the traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (UserError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
+            click.echo(f"error: {msg}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="qexport")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """qexport: quantize PyTorch models to 1/2/4/8-bit integer weights and deploy them.
+
+    \b
+    Typical flow:
+      qexport train    --data digits -o digits.safetensors       # float model
+      qexport quantize --checkpoint digits.safetensors --bits 2   # -> artifact (codes + scales)
+      qexport inspect  digits-mlp-digits-ptq-2b.qx.safetensors
+    """
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+def data_options(f):
+    f = click.option("--label-column", default=None, help="Label column of a .csv dataset.")(f)
+    f = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder with DIR/<dataset>/<original files> (default: $QEXPORT_DATA, else ./data).")(f)
+    f = click.option("--data", "data_name", default="digits", show_default=True,
+                     help="Dataset name (digits, seeds, pendigits, mnist, mnist-10k, fashion-mnist, cifar10, cifar100) "
+                          "or a path to a .npz / .csv file.")(f)
+    return f
+
+
+def train_options(f):
+    f = click.option("--epochs", type=click.IntRange(1), default=None, help="Float training epochs (default per dataset).")(f)
+    f = click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")(f)
+    f = click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)(f)
+    f = click.option("--patience", type=click.IntRange(1), default=15, show_default=True, help="Early-stopping patience (epochs).")(f)
+    return f
+
+
+def default_epochs(dataset_name: str) -> int:
+    return {"seeds": 300, "pendigits": 150, "digits": 100}.get(dataset_name, 30)
+
+
+def float_model(data, model_name: str | None, checkpoint: str | None, seed: int, epochs: int | None, lr: float,
+                batch_size: int, patience: int, progress: bool):
+    """The float model to quantize: a qexport checkpoint, a user's factory + state_dict, or a zoo
+    model trained here. Returns (model, architecture dict, float-training info)."""
+    from qadmm.train import TrainConfig, accuracy, seed_everything, train_epochs
+    from qadmm.zoo import build_model, default_model
+    from qexport.checkpoint import load_checkpoint, load_user_state
+
+    if checkpoint and not (model_name and ":" in model_name):
+        model, meta = load_checkpoint(checkpoint)
+        arch = meta["architecture"]
+        if tuple(arch["input_shape"]) != data.input_shape or arch["num_classes"] != data.num_classes:
+            raise UserError(f"checkpoint {checkpoint} was trained for input {tuple(arch['input_shape'])} with "
+                            f"{arch['num_classes']} classes, but dataset {data.name!r} has {data.input_shape} and {data.num_classes}")
+        return model, arch, {"checkpoint": str(checkpoint), **meta.get("training", {})}
+    name = model_name or default_model(data.name, data.input_shape)
+    seed_everything(seed)
+    model = build_model(name, data.input_shape, data.num_classes, data.mean, data.std)
+    arch = {"model": name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    if checkpoint:
+        state = load_user_state(checkpoint)
+        try:
+            model.body.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {checkpoint} does not fit model {name}: {str(e).splitlines()[0]}") from None
+        return model, arch, {"checkpoint": str(checkpoint)}
+    cfg = TrainConfig(epochs=epochs or default_epochs(data.name), lr=lr, batch_size=batch_size, patience=patience, seed=seed)
+    t0 = time.time()
+    res = train_epochs(model, data, cfg, desc=f"train float {name}", progress=progress)
+    info = {"epochs": cfg.epochs, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "lr": cfg.lr,
+            "batch_size": cfg.batch_size, "patience": cfg.patience, "optimizer": "adam+cosine", "seed": seed,
+            "val_acc": res.best_val, "seconds": round(time.time() - t0, 2)}
+    info["test_acc"] = accuracy(model, data.x_test, data.y_test)
+    return model, arch, info
+
+
+def load_data(data_name: str, data_dir: str | None, seed: int, label_column: str | None):
+    from qadmm.data import load_dataset
+
+    return load_dataset(data_name, data_dir, seed=seed, label_column=label_column)
+
+
+def preprocessing(data) -> dict:
+    return {"type": "standardize", "mean": data.mean.tolist(), "std": data.std.tolist(), "fitted_on": "train split"}
+
+
+@main.command()
+@data_options
+@click.option("--model", "model_name", default=None, help="Zoo model (mlp-seeds, mlp-pendigits, mlp-mnist, mlp-digits, "
+              "cnn-small, resnet20) or package.module:factory. Default: the dataset's thesis topology.")
+@train_options
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint path (.safetensors; a .json card is written beside it).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def train(data_name, data_dir, label_column, model_name, epochs, lr, batch_size, patience, seed, output, quiet):
+    """Train a float model from the zoo on a dataset and write a checkpoint.
+
+    \b
+    Examples:
+      qexport train                                   # mlp-digits on digits
+      qexport train --data pendigits --data-dir ../shared/data -o pendigits.safetensors
+      qexport train --data digits --model cnn-small --epochs 60
+    """
+    from qexport.checkpoint import save_checkpoint
+    from qexport.fileio import check_output_path, versions
+
+    data = load_data(data_name, data_dir, seed, label_column)
+    out = Path(output or f"{data.name}-{model_name or 'default'}.safetensors")
+    check_output_path(out)
+    model, arch, info = float_model(data, model_name, None, seed, epochs, lr, batch_size, patience, not quiet)
+    meta = {"architecture": arch, "preprocessing": preprocessing(data), "dataset": data.describe(), "training": info,
+            "versions": versions(), "command": "qexport train"}
+    card = save_checkpoint(out, model, meta)
+    click.echo(f"float {arch['model']} on {data.name}: val {info['val_acc']:.2f}%  test {info['test_acc']:.2f}%  "
+               f"({info['epochs_run']} epochs, {info['seconds']} s)")
+    click.echo(f"wrote {out} and {card}")
+
+
+def parse_params(items: tuple[str, ...]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param {item!r}: write it as name=value, e.g. --param rho=0.01")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@main.command(epilog=EPILOG_QUANTIZE)
+@data_options
+@click.option("--model", "model_name", default=None, help="Zoo model or package.module:factory (default: the dataset's).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Float weights: a qexport checkpoint, or a state_dict for --model package.module:factory. "
+                   "Without it the float model is trained first.")
+@click.option("--method", default=None, help="Back-end (see `qexport quantize --list-methods`). Default: lq when available, else ptq.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight code (1-8).")
+@click.option("--scheme", type=click.Choice(["binary", "symmetric", "thesis"]), default=None,
+              help="Code set: binary {-1,+1} (1 bit), symmetric ±(2^(N-1)-1) (default for N>=2), thesis ±(2^N-1).")
+@click.option("--per-channel", is_flag=True, help="One scale per output channel instead of one per tensor.")
+@click.option("--keep-first", is_flag=True, help="Leave the first Linear/Conv2d layer float.")
+@click.option("--keep-last", is_flag=True, help="Leave the last Linear/Conv2d layer float.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Method hyperparameter override (repeatable).")
+@train_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for splits, training and the method.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Artifact path (default printed).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--list-methods", is_flag=True, help="List the back-ends and their hyperparameters, then exit.")
+def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, bits, scheme, per_channel, keep_first,
+             keep_last, params, epochs, lr, batch_size, patience, seed, output, quiet, list_methods):
+    """Quantize a float model's weights to integer codes and scales; write the artifact."""
+    import dataclasses
+
+    from qadmm import methods
+    from qadmm.spec import QuantSpec
+    from qadmm.train import accuracy
+    from qexport.artifact import save_artifact
+    from qexport.fileio import check_output_path, versions
+
+    if list_methods:
+        for name in methods.METHODS:
+            mod = methods.get_method(name)
+            fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(mod.Params))
+            click.echo(f"{name:10s} {(mod.__doc__ or '').strip().splitlines()[0]}\n{'':10s} {fields}")
+        return
+    method = method or ("lq" if "lq" in methods.METHODS else "ptq")
+    spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
+                     seed=seed, params=parse_params(params), progress=not quiet)
+    codes = spec.codes
+    methods.get_method(method)
+    data = load_data(data_name, data_dir, seed, label_column)
+    model, arch, train_info = float_model(data, model_name, checkpoint, seed, epochs, lr, batch_size, patience, not quiet)
+    out = Path(output or f"{data.name}-{arch['model'].replace(':', '_')}-{method}-{bits}b.qx.safetensors")
+    check_output_path(out)
+    float_acc = accuracy(model, data.x_test, data.y_test)
+    t0 = time.time()
+    result = methods.quantize(method, model, data, spec)
+    seconds = time.time() - t0
+    q_acc = accuracy(result.model, data.x_test, data.y_test)
+    meta = {
+        "architecture": arch,
+        "preprocessing": preprocessing(data),
+        "dataset": data.describe(),
+        "float_training": train_info,
+        "method": {"name": method, "params": result.params, "seconds": round(seconds, 2)},
+        "spec": {"bits": bits, "scheme": codes.scheme, "per_channel": per_channel, "keep_first": keep_first,
+                 "keep_last": keep_last, "seed": seed},
+        "history": result.history,
+        "accuracy": {"float_test": float_acc, "quantized_test": q_acc,
+                     "quantized_val": accuracy(result.model, data.x_val, data.y_val)},
+        "versions": versions(),
+        "command": "qexport " + " ".join(sys.argv[1:]),
+    }
+    digest = save_artifact(out, result.model, result.layers, meta)
+    click.echo(f"{arch['model']} on {data.name} ({len(data.y_test)} test samples), {method}, {codes.describe()}"
+               f"{', per-channel' if per_channel else ''}:")
+    click.echo(f"  float     test accuracy {float_acc:6.2f}%")
+    click.echo(f"  quantized test accuracy {q_acc:6.2f}%   ({seconds:.1f} s)")
+    click.echo(f"wrote {out}  (sha256 {digest[:12]})")
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON instead of tables.")
+def inspect(path, as_json):
+    """Show a qexport file: per-layer codes, scales and sizes, and its metadata.
+
+    \b
+    Example:
+      qexport inspect digits-mlp-digits-ptq-4b.qx.safetensors
+    """
+    from qexport.inspect import describe
+
+    click.echo(describe(path, as_json))
+
+
+if __name__ == "__main__":
+    main()

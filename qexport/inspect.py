@@ -1,0 +1,46 @@
+"""`qexport inspect`: what is inside an artifact, as tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qexport.artifact import load_artifact
+
+
+def _hist(q: torch.Tensor, levels: list[int]) -> str:
+    counts = torch.bincount((q.to(torch.int64).flatten() - levels[0]), minlength=levels[-1] - levels[0] + 1)
+    if len(levels) > 9:  # too many codes to list: show spread instead
+        nz = (q == 0).float().mean() * 100
+        return f"|q| mean {q.abs().float().mean():.1f}, max {int(q.abs().max())}, zeros {nz:.0f}%"
+    total = max(int(counts.sum()), 1)
+    return " ".join(f"{v:+d}:{100 * int(counts[v - levels[0]]) / total:.0f}%" for v in levels)
+
+
+def describe(path: str | Path, as_json: bool = False) -> str:
+    art = load_artifact(path)
+    if as_json:
+        return json.dumps({"sha256": art.sha256, **art.meta}, indent=2, sort_keys=True)
+    m = art.meta
+    lines = [f"{path}: qexport artifact (sha256 {art.sha256[:16]})",
+             f"model {m['architecture']['model']} input {tuple(m['architecture']['input_shape'])} "
+             f"classes {m['architecture']['num_classes']}; dataset {m['dataset']['name']} (seed {m['dataset']['seed']})",
+             f"method {m['method']['name']} {json.dumps(m['method']['params'], sort_keys=True)}",
+             f"accuracy: float {m['accuracy']['float_test']:.2f}%  quantized {m['accuracy']['quantized_test']:.2f}%", ""]
+    header = f"{'layer':24s} {'shape':16s} {'codes':18s} {'alpha range':23s} {'bytes@N':>9s} {'fp32':>9s}  histogram"
+    lines += [header, "-" * len(header)]
+    tot_q = tot_f = 0
+    for name, lc in art.layers.items():
+        n = lc.q.numel()
+        nbytes = -(-n * lc.codes.storage_bits // 8)
+        tot_q, tot_f = tot_q + nbytes, tot_f + 4 * n
+        a = lc.alpha.flatten()
+        arange = f"{float(a.min()):.3g}" + (f"..{float(a.max()):.3g}" if a.numel() > 1 else "")
+        lines.append(f"{name:24s} {str(tuple(lc.q.shape)):16s} {lc.codes.scheme + ' ' + str(lc.codes.bits) + 'b':18s} "
+                     f"{arange:23s} {nbytes:9d} {4 * n:9d}  {_hist(lc.q, lc.codes.levels)}")
+    floats = sum(p.numel() for k, p in art.model.state_dict().items() if k.rsplit('.', 1)[0] not in art.layers or not k.endswith("weight"))
+    lines.append(f"{'quantized weights':24s} {'':16s} {'':18s} {'':23s} {tot_q:9d} {tot_f:9d}  ({tot_f / max(tot_q, 1):.1f}x smaller)")
+    lines.append(f"float parameters and buffers kept: {floats} values ({4 * floats} bytes)")
+    lines.append(f"versions: {json.dumps(m.get('versions', {}), sort_keys=True)}")
+    return "\n".join(lines)
