@@ -161,6 +161,9 @@ def fit(
         # small code sets: also max|v|/k for every k, so a tensor that already is α·Q is found again
         ks = sorted({codes.qmax, *(range(1, codes.qmax + 1) if codes.qmax <= 16 else [])})
         starts = [safe_max / k for k in ks] + [mean_start]
+    # Ties (equal error up to rounding, e.g. a one-element row fits any code exactly) go to the
+    # pair with the larger codes, so the choice is canonical and refitting α·Q returns the same pair.
+    tol = 1e-12 * (rows**2).sum(1)
     best = None
     for a0 in starts:
         a0 = torch.where(a0 > 0, a0, safe_max / codes.qmax)
@@ -168,7 +171,8 @@ def fit(
         if best is None:
             best = (a, q, e)
         else:
-            better = e < best[2]
+            bigger = q.abs().amax(1) > best[1].abs().amax(1)
+            better = (e < best[2] - tol) | ((e <= best[2] + tol) & bigger)
             best = (torch.where(better, a, best[0]), torch.where(better[:, None], q, best[1]), torch.where(better, e, best[2]))
     a, q, e = best
     # All-zero rows: codes 0 (binary: +1 with a negligible scale) so W stays (numerically) 0.

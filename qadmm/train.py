@@ -31,6 +31,13 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1
     return float((predict(model, x, batch_size).argmax(1).numpy() == y).mean() * 100)
 
 
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
+    """(top-1 accuracy in percent, mean cross-entropy)."""
+    logits = predict(model, x, batch_size)
+    yt = torch.as_tensor(y)
+    return float((logits.argmax(1) == yt).float().mean() * 100), float(nn.functional.cross_entropy(logits, yt))
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 100
@@ -73,7 +80,10 @@ def train_epochs(
     x = torch.as_tensor(data.x_train)
     y = torch.as_tensor(data.y_train)
     ce = nn.CrossEntropyLoss()
-    best_val, best_epoch, best_state = accuracy(model, data.x_val, data.y_val), 0, copy.deepcopy(model.state_dict())
+    # Model selection on (validation accuracy, then validation loss): small validation sets saturate
+    # at 100% early, and the loss still tells which of those weights generalise better.
+    best_val, best_loss = evaluate(model, data.x_val, data.y_val)
+    best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
     history: list[dict] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False)
     epoch = 0
@@ -90,11 +100,11 @@ def train_epochs(
             total += loss.item() * len(idx)
             count += len(idx)
         sched.step()
-        val = accuracy(model, data.x_val, data.y_val)
-        history.append({"epoch": epoch, "loss": total / count, "val_acc": val})
+        val, val_loss = evaluate(model, data.x_val, data.y_val)
+        history.append({"epoch": epoch, "loss": total / count, "val_acc": val, "val_loss": val_loss})
         bar.set_postfix(loss=f"{total / count:.4f}", val=f"{val:.2f}%")
-        if val > best_val:
-            best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
+        if val > best_val or (val == best_val and val_loss < best_loss):
+            best_val, best_loss, best_epoch, best_state = val, val_loss, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
             break
     model.load_state_dict(best_state)

@@ -1,0 +1,87 @@
+"""Code sets and the alternating α/Q fit (thesis Algorithm 4/8): properties that export relies on."""
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from qadmm.codes import CodeSet, dequantize, fit
+
+CODESETS = [CodeSet(1, "binary"), *(CodeSet(b, "symmetric") for b in range(2, 9)), *(CodeSet(b, "thesis") for b in range(1, 9))]
+
+
+def test_code_sets_match_the_definitions():
+    assert CodeSet(1, "binary").levels == [-1, 1]
+    assert CodeSet(2).levels == [-1, 0, 1]
+    assert CodeSet(8).qmax == 127 and CodeSet(8).storage_dtype == torch.int8
+    assert CodeSet(1, "thesis").levels == [-1, 0, 1] and CodeSet(1, "thesis").storage_bits == 2
+    assert CodeSet(8, "thesis").qmax == 255 and CodeSet(8, "thesis").storage_dtype == torch.int16
+    assert CodeSet.default(1).scheme == "binary" and CodeSet.default(4).scheme == "symmetric"
+
+
+@pytest.mark.parametrize("bits,scheme,msg", [(0, "symmetric", "from 1 to 8"), (9, "thesis", "from 1 to 8"),
+                                             (2, "binary", "binary"), (1, "symmetric", "needs bits >= 2"), (4, "int4", "unknown scheme")])
+def test_bad_code_sets_are_refused(bits, scheme, msg):
+    with pytest.raises(ValueError, match=msg):
+        CodeSet(bits, scheme)
+
+
+shapes = st.sampled_from([(1,), (7,), (3, 5), (4, 1, 3, 3), (16, 9)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(cs=st.sampled_from(CODESETS), shape=shapes, per_channel=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       scale=st.floats(1e-4, 1e3), kind=st.sampled_from(["normal", "zero", "const", "sparse"]))
+def test_fit_properties(cs, shape, per_channel, seed, scale, kind):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(shape, generator=g) * scale
+    if kind == "zero":
+        v = torch.zeros(shape)
+    elif kind == "const":
+        v = torch.full(shape, scale)
+    elif kind == "sparse":
+        v = v * (torch.rand(shape, generator=g) < 0.3)
+    f = fit(v, cs, per_channel)
+    # codes in range, right dtype; α > 0 and finite, one per channel if asked
+    assert cs.contains(f.q) and f.q.dtype == cs.storage_dtype and f.q.shape == v.shape
+    assert torch.isfinite(f.alpha).all() and (f.alpha > 0).all()
+    assert f.alpha.shape == ((shape[0],) if per_channel else ())
+    w = dequantize(f.q, f.alpha)
+    assert torch.isfinite(w).all()
+    # never worse than the max-based starting scale (per row); binary cannot hold 0, see below
+    if kind == "zero" and cs.scheme == "binary":
+        return
+    rows = v.reshape(shape[0] if per_channel else 1, -1).double()
+    a0 = rows.abs().amax(1).clamp_min(1e-30) / cs.qmax
+    start_err = ((rows - a0[:, None] * cs.project(rows / a0[:, None])) ** 2).sum()
+    # (slack: the returned error is measured on the float32 product α·Q)
+    assert f.error <= float(start_err) * (1 + 1e-5) + 1e-12 * float((rows**2).sum()) + 1e-30
+    # projecting α·Q again returns the same pair
+    f2 = fit(w, cs, per_channel)
+    assert torch.equal(f2.q, f.q)
+    torch.testing.assert_close(f2.alpha, f.alpha, rtol=1e-6, atol=0)
+
+
+def test_zero_tensor_gives_zero_weights_without_nan():
+    for cs in CODESETS:
+        f = fit(torch.zeros(4, 3), cs, per_channel=True)
+        assert torch.isfinite(f.alpha).all() and (f.alpha > 0).all()
+        assert dequantize(f.q, f.alpha).abs().max() <= 1e-8
+
+
+def test_fit_refuses_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        fit(torch.tensor([1.0, float("nan")]), CodeSet(4))
+
+
+def test_binary_scale_is_mean_abs():
+    # For fixed signs the L2-optimal binary scale is mean|v| (algorithms.md §5).
+    v = torch.randn(50, 20, generator=torch.Generator().manual_seed(1))
+    f = fit(v, CodeSet(1, "binary"), per_channel=True)
+    torch.testing.assert_close(f.alpha, v.abs().mean(1), rtol=1e-5, atol=1e-7)
+    assert torch.equal(f.q.float(), torch.where(v >= 0, 1.0, -1.0))
+
+
+def test_more_bits_fit_better():
+    v = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
+    errs = [fit(v, CodeSet(b)).error for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
