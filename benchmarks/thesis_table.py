@@ -27,6 +27,7 @@ from qadmm.train import accuracy  # noqa: E402
 from qexport.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from qexport.workflow import float_model, load_data, preprocessing  # noqa: E402
 
+LR, BATCH, PATIENCE = 3e-3, 32, 30  # the CLI's float-training defaults
 THESIS_JSON = ROOT.parent / "shared" / "reference" / "thesis_tables.json"
 THESIS_NAME = {"ptq": "PTQ", "lq": "LQ", "qnn-admm": "QNN-ADMM", "ste": "QNN-STE"}
 THESIS_DATASET = {"seeds": "seeds", "pendigits": "pendigits", "mnist": "mnist", "mnist-10k": "mnist",
@@ -35,11 +36,12 @@ THESIS_DATASET = {"seeds": "seeds", "pendigits": "pendigits", "mnist": "mnist", 
 
 def cached_float(data, ds: str, model_name: str | None, seed: int, cache: Path, epochs: int | None):
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"float-{ds}-{model_name or 'default'}-s{seed}.safetensors"
+    # the key names everything the float model depends on, so a changed recipe never reuses a stale model
+    path = cache / f"float-{ds}-{model_name or 'default'}-s{seed}-e{epochs or 'auto'}-lr{LR}-b{BATCH}-p{PATIENCE}.safetensors"
     if path.is_file():
         model, meta = load_checkpoint(path)
         return model, meta["training"]
-    model, arch, info = float_model(data, model_name, None, seed, epochs, 3e-3, 32, 30, progress=False)
+    model, arch, info = float_model(data, model_name, None, seed, epochs, LR, BATCH, PATIENCE, progress=False)
     save_checkpoint(path, model, {"architecture": arch, "preprocessing": preprocessing(data), "training": info})
     return model, info
 

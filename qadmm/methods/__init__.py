@@ -21,6 +21,7 @@ from qadmm.spec import QuantResult, QuantSpec
 
 METHODS: dict[str, str] = {
     "ptq": "qadmm.methods.ptq",
+    "ste": "qadmm.methods.ste",
 }
 
 
