@@ -22,6 +22,8 @@ from qadmm.spec import QuantResult, QuantSpec
 METHODS: dict[str, str] = {
     "ptq": "qadmm.methods.ptq",
     "ste": "qadmm.methods.ste",
+    "admm-q": "qadmm.methods.admmq",
+    "proxquant": "qadmm.methods.proxquant",
 }
 
 
