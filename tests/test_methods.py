@@ -33,7 +33,7 @@ def test_method_contract(name, digits, digits_mlp):
 @pytest.mark.parametrize("name", ["ste", "admm-q", "proxquant"])
 def test_quantized_training_beats_ptq_at_one_bit(name, digits, digits_mlp):
     ptq = methods.quantize("ptq", digits_mlp, digits, QuantSpec(bits=1, progress=False))
-    res = methods.quantize(name, digits_mlp, digits, QuantSpec(bits=1, params={"epochs": 8}, progress=False))
+    res = methods.quantize(name, digits_mlp, digits, QuantSpec(bits=1, progress=False))  # default schedule
     a_ptq, a = accuracy(ptq.model, digits.x_test, digits.y_test), accuracy(res.model, digits.x_test, digits.y_test)
     assert a >= a_ptq + 2, (a_ptq, a)
 
