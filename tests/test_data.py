@@ -76,3 +76,35 @@ def test_truncated_idx_file(tmp_path):
         f.write(bytes([0, 0, 8, 1]) + np.array([10], dtype=">u4").tobytes() + bytes(10))
     with pytest.raises(UserError, match="truncated"):
         load_dataset("mnist-10k", tmp_path)
+
+
+def _cifar_dir(tmp_path, n=20):
+    import pickle
+
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return folder
+
+
+def test_cifar_python_batches(tmp_path):
+    _cifar_dir(tmp_path)
+    d = load_dataset("cifar10", tmp_path)
+    assert d.input_shape == (3, 32, 32) and len(d.y_test) == 20 and d.mean.shape == (3, 1, 1)
+
+
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    folder = _cifar_dir(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    with pytest.raises(UserError, match="refusing to load builtins.print"):
+        load_dataset("cifar10", tmp_path)
