@@ -204,5 +204,11 @@ def inspect(path, as_json):
     click.echo(describe(path, as_json))
 
 
+from qexport.cli_onnx import run as _run_cmd, to_onnx as _to_onnx_cmd, verify as _verify_cmd  # noqa: E402
+
+main.add_command(_to_onnx_cmd)
+main.add_command(_verify_cmd)
+main.add_command(_run_cmd)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,240 @@
+"""`qexport to-onnx`, `qexport verify`, `qexport run`, and `export_onnx`, their Python entry point."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from qadmm.errors import UserError
+
+FORMS = ("weights", "qdq", "qoperator")
+
+
+def export_onnx(art, form: str, x_calib: np.ndarray | None = None, calib=None, progress: bool = False):
+    """The ONNX ModelProto of a loaded artifact in one form. Integer forms need training features
+    `x_calib` for the activation ranges (`calib`: a `CalibConfig`, default min-max on 8x64)."""
+    from qexport.calibrate import CalibConfig, calibrate
+    from qexport.onnx_graph import trace
+
+    if form not in FORMS:
+        raise UserError(f"unknown form {form!r}: use one of {', '.join(FORMS)}")
+    ops = trace(art.model)
+    if form == "weights":
+        from qexport.onnx_weights import export_weights
+
+        return export_weights(art, ops)
+    from qexport.onnx_qoperator import check_int8
+
+    check_int8(art)  # refuse before spending time on calibration
+    if x_calib is None:
+        raise UserError(f"--form {form} needs calibration data for the activation ranges: pass --data")
+    calib = calib or CalibConfig()
+    qp = calibrate(ops, x_calib, calib, progress)
+    if form == "qdq":
+        from qexport.onnx_qdq import export_qdq
+
+        return export_qdq(art, ops, qp, calib.describe())
+    from qexport.onnx_qoperator import export_qoperator
+
+    return export_qoperator(art, ops, qp, calib.describe())
+
+
+def _dataset(art, data_name, data_dir, seed):
+    """The dataset named, or the artifact's own (same name and seed) when none is."""
+    from qexport.workflow import load_data
+
+    ds = art.meta.get("dataset", {})
+    name = data_name or ds.get("name")
+    if not name or name in ("npz", "csv"):
+        raise UserError("name the data with --data (a dataset name or a .npz/.csv path)")
+    data = load_data(name, data_dir, ds.get("seed", 0) if seed is None else seed, None)
+    shape = tuple(art.meta["architecture"]["input_shape"])
+    if data.input_shape != shape:
+        raise UserError(f"dataset {name!r} has samples of shape {data.input_shape}, the artifact's model takes {shape}")
+    return data
+
+
+def _data_opts(f):
+    f = click.option("--seed", type=int, default=None, help="Split seed (default: the artifact's).")(f)
+    f = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder with DIR/<dataset>/ (default: $QEXPORT_DATA, else ./data).")(f)
+    f = click.option("--data", "data_name", default=None, help="Dataset name or .npz path (default: the artifact's dataset).")(f)
+    return f
+
+
+@click.command("to-onnx")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="ONNX path (default: ARTIFACT stem + .<form>.onnx).")
+@click.option("--form", type=click.Choice(FORMS), default="qdq", show_default=True,
+              help="weights: integer weights, float compute. qdq: Q/DQ pairs, fused to integer kernels. "
+                   "qoperator: QLinearConv/QGemm graph.")
+@_data_opts
+@click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True,
+              help="Activation range estimate (integer forms).")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="Share of values kept by --calibration percentile.")
+@click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True, help="Training batches for calibration.")
+@click.option("--calib-batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, percentile, calib_batches, calib_batch_size, quiet):
+    """Export an artifact to ONNX (normalisation inside, dynamic batch, provenance in metadata).
+
+    \b
+    Examples:
+      qexport to-onnx digits-mlp-digits-ptq-4b.qx.safetensors --form weights -o digits-4b.onnx
+      qexport to-onnx model.qx.safetensors --form qdq                    # calibrates on the artifact's data
+      qexport to-onnx model.qx.safetensors --form qoperator --calibration percentile --calib-batches 32
+    """
+    import onnx
+
+    from qexport.artifact import load_artifact
+    from qexport.calibrate import CalibConfig
+    from qexport.fileio import atomic_path, check_output_path
+
+    art = load_artifact(artifact)
+    out = Path(output or f"{Path(artifact).name.split('.')[0]}.{form}.onnx")
+    check_output_path(out)
+    x_calib, cfg = None, None
+    if form != "weights":
+        from qexport.onnx_qoperator import check_int8
+
+        check_int8(art)
+        data = _dataset(art, data_name, data_dir, seed)
+        x_calib = data.x_train
+        cfg = CalibConfig(calibration, percentile, calib_batches, calib_batch_size, data.info.get("seed", 0))
+    model = export_onnx(art, form, x_calib, cfg, progress=not quiet)
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
+    click.echo(f"wrote {out} ({out.stat().st_size} bytes, form {form}, {art.bits_summary}); "
+               f"check it with: qexport verify {out} --artifact {artifact}")
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, exists=True))
+@click.option("--artifact", required=True, type=click.Path(dir_okay=False), help="The artifact the graph was exported from.")
+@_data_opts
+@click.option("--max-samples", type=click.IntRange(1), default=None, help="Use the first N test samples (default: all).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
+@click.option("--rel-tol", type=float, default=1e-5, show_default=True, help="weights: max |Δ| / max |reference|.")
+@click.option("--step-tol", type=float, default=1.0, show_default=True, help="qdq/qoperator: max |Δ| in output steps.")
+@click.option("--min-agreement", type=float, default=None, help="Top-1 agreement in %% (default 100 for weights, 99.9 otherwise).")
+def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report, rel_tol, step_tol, min_agreement):
+    """Check onnxruntime against the exact PyTorch reference of the artifact; exit 1 on failure.
+
+    Runs onnxruntime with graph optimisations off and all on (and, for weights, with plain
+    default session settings, reported but not judged), and names the first layer where the
+    outputs part.
+
+    \b
+    Examples:
+      qexport verify digits-4b.onnx --artifact digits-mlp-digits-ptq-4b.qx.safetensors
+      qexport verify model.qdq.onnx --artifact model.qx.safetensors --report verify.json --max-samples 1000
+    """
+    from qexport.artifact import load_artifact
+    from qexport.fileio import atomic_path
+    from qexport.verify import Tolerance
+    from qexport.verify import verify as run_verify
+
+    art = load_artifact(artifact)
+    data = _dataset(art, data_name, data_dir, seed)
+    x, y = data.x_test[:max_samples], data.y_test[:max_samples]
+    tol = Tolerance(rel=rel_tol, steps=step_tol)
+    if min_agreement is not None:
+        tol.agreement_weights = tol.agreement_integer = min_agreement
+    rep = run_verify(model_path, art, x, y, tol)
+    click.echo(format_report(rep))
+    if report:
+        with atomic_path(report) as tmp:
+            Path(tmp).write_text(json.dumps(rep, indent=2))
+        click.echo(f"wrote {report}")
+    if not rep["passed"]:
+        raise SystemExit(1)
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"{rep['model']} ({rep['form']}) vs the reference of artifact {rep['artifact_sha256'][:12]} on {rep['samples']} samples"]
+    if not rep["artifact_matches_metadata"]:
+        lines.append("  FAIL: the graph's metadata names another artifact (qexport.artifact_sha256 differs)")
+    if rep["initializers_differing"]:
+        lines.append(f"  FAIL: initializers differ from the artifact's codes/scales: {', '.join(rep['initializers_differing'][:6])}")
+    acc = rep["accuracy"]
+    if acc["reference"] is not None:
+        lines.append(f"  accuracy: reference {acc['reference']:.2f}%  (float activations: {acc['fake_quant_float_activations']:.2f}%)")
+    for key, r in rep["runs"].items():
+        err = f"max {r['max_steps']:g} steps, mean {r['mean_steps']:.4f}" if "max_steps" in r else f"rel {r['rel_error']:.2e}, max |Δ| {r['max_abs']:.3g}"
+        verdict = "PASS" if r["passed"] else ("not judged" if key == "ort_defaults" or r.get("judged") is False else "FAIL")
+        a = f"{r['accuracy']:.2f}%" if r["accuracy"] is not None else "-"
+        cfg = " ".join(f"{k}={v}" for k, v in r["session_config"].items())
+        lines.append(f"  {key:18s} {verdict:10s} acc {a:8s} agree {r['top1_agreement']:.2f}%  {err}" + (f"  [{cfg}]" if cfg else ""))
+        fd = r.get("first_divergence")
+        if fd and fd.get("layer"):
+            lines.append(f"    first layer out of tolerance: {fd['layer']} (tensor {fd['tensor']}): "
+                         + (f"{fd['max_steps']:g} steps" if "max_steps" in fd else fd.get("reason", f"rel {fd.get('rel_error', 0):.2e}")))
+        if fd and fd.get("first_any_difference"):
+            f1 = fd["first_any_difference"]
+            lines.append(f"    first difference: {f1['layer']} ({f1['max_steps']:g} step, {100 * f1['share_differing']:.4f}% of values)")
+        if r.get("note"):
+            lines.append(f"    note: {r['note']}")
+    lines.append("PASSED" if rep["passed"] else "FAILED")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, exists=True))
+@click.option("--data", "data_name", default=None, help="Dataset (name or .npz): accuracy on its test split, and latency.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--seed", type=int, default=0, show_default=True, help="Split seed of --data.")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False, exists=True), default=None, help="A .npy array of raw features: predict it.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="With --input: write the outputs (logits) here (.npy).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=50, show_default=True, help="Timed runs for the latency median.")
+@click.option("--threads", type=click.IntRange(0), default=2, show_default=True, help="onnxruntime intra-op threads (0 = its default).")
+@click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
+@click.option("--ort-defaults", is_flag=True, help="Do not add the session settings that keep qexport graphs exact.")
+def run(model_path, data_name, data_dir, seed, input_path, output, batch_size, repeats, threads, opt_level, ort_defaults):
+    """Run any ONNX classifier: accuracy and latency on a dataset, or predictions for an array.
+
+    \b
+    Examples:
+      qexport run digits-4b.onnx --data digits
+      qexport run model.qdq.onnx --data mnist-10k --data-dir ../shared/data --batch-size 1 --repeats 200
+      qexport run model.onnx --input samples.npy -o logits.npy
+    """
+    import onnx
+
+    from qexport import runner
+    from qexport.fileio import atomic_path, check_output_path
+
+    if bool(data_name) == bool(input_path):
+        raise UserError("give exactly one of --data (accuracy and latency) or --input x.npy (predictions)")
+    if output and not input_path:
+        raise UserError("-o/--output writes predictions for --input; with --data nothing is written")
+    try:
+        proto = onnx.load(model_path, load_external_data=False)
+    except Exception as e:
+        raise UserError(f"{model_path} is not a readable ONNX model: {str(e).splitlines()[0]}") from None
+    config = {} if ort_defaults else runner.faithful_config(proto)
+    sess = runner.make_session(model_path, opt_level, config, threads)
+    if input_path:
+        x = runner.load_input_array(input_path)
+        logits = runner.predict(sess, x, batch_size)
+        out = Path(output or Path(input_path).with_suffix(".pred.npy"))
+        check_output_path(out)
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, logits)
+        click.echo(f"{len(x)} samples -> {out} (outputs {logits.shape}, argmax = predicted class)")
+        return
+    from qexport.workflow import load_data
+
+    data = load_data(data_name, data_dir, seed, None)
+    logits = runner.predict(sess, data.x_test, 256)
+    if logits.ndim != 2:
+        raise UserError(f"the graph's first output has shape {logits.shape[1:]} per sample; `run --data` expects class scores")
+    acc = float((logits.argmax(1) == data.y_test).mean() * 100)
+    lat = runner.latency(sess, data.x_test, batch_size, repeats)
+    cfg = " ".join(f"{k}={v}" for k, v in config.items()) or "none"
+    click.echo(f"{model_path} on {data.name} test ({len(data.y_test)} samples): accuracy {acc:.2f}%")
+    click.echo(f"latency batch {lat.batch_size}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms "
+               f"({lat.runs} runs, {threads or 'default'} threads, opt {opt_level}, session config: {cfg})")

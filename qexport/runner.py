@@ -1,0 +1,147 @@
+"""`qexport run`: accuracy and latency of any ONNX classifier in onnxruntime, or its predictions.
+
+Works on graphs qexport did not write: the input is the graph's first input, features are
+reshaped to its static dimensions when the element counts agree (e.g. MNIST (1,28,28) into a
+784-wide MLP), and the batch axis may be dynamic or fixed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from qadmm.errors import UserError
+
+LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+# What keeps qexport's graphs faithful to the reference (see docs/onnx.md): without it, ORT ≥ 1.20
+# fuses DequantizeLinear(INT4) -> MatMul into MatMulNBits, which quantizes activations to int8.
+# On x86 without VNNI the u8·s8 kernels add pairs of products in int16 with saturation
+# (VPMADDUBSW): int8 weights above ±64 can overflow. `session.x64quantprecision=1` (applied with
+# all optimisations) converts the weights to u8 with zero point 128, computed exactly.
+SATURATION_SAFE_CODE = 64
+
+
+def faithful_config(model) -> dict[str, str]:
+    """Session config entries that make onnxruntime compute what the qexport reference computes,
+    read from the graph's metadata (empty for graphs qexport did not write)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    form = meta.get("qexport.form")
+    if form == "weights":
+        return {"session.qdq_matmulnbits_accuracy_level": "1"}
+    if form in ("qdq", "qoperator") and max_code(model) > SATURATION_SAFE_CODE:
+        return {"session.x64quantprecision": "1"}
+    return {}
+
+
+def max_code(model) -> int:
+    from onnx import numpy_helper
+
+    codes = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(".codes")]
+    return max((int(np.abs(c.astype(np.int64)).max(initial=0)) for c in codes), default=0)
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (no int16 saturation); None when it cannot be told."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return None
+    if "avx2" not in flags:
+        return None  # not x86 (ARM dot-product kernels do not saturate)
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+def make_session(model: bytes | str, level: str = "all", config: dict[str, str] | None = None, threads: int = 0,
+                 profile_prefix: str | None = None):
+    """An onnxruntime CPU session with the given optimisation level, config entries and threads
+    (0 = onnxruntime's default)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+        where = model if isinstance(model, str) else "the graph"
+        raise UserError(f"onnxruntime cannot load {where}: {str(e).splitlines()[0]}") from None
+
+
+def fit_input(sess, x: np.ndarray) -> np.ndarray:
+    """x as float32, reshaped to the graph input's static feature dims when the counts agree."""
+    inp = sess.get_inputs()[0]
+    if inp.type != "tensor(float)":
+        raise UserError(f"the graph's input {inp.name!r} has type {inp.type}; `qexport run` feeds float32 features")
+    dims = inp.shape[1:]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if all(isinstance(d, int) for d in dims) and tuple(dims) != x.shape[1:]:
+        if int(np.prod(dims)) != int(np.prod(x.shape[1:])):
+            raise UserError(f"the graph expects samples of shape {tuple(dims)}, the data has {x.shape[1:]}")
+        x = x.reshape(len(x), *dims)
+    return x
+
+
+def fixed_batch(sess) -> int | None:
+    d = sess.get_inputs()[0].shape[0]
+    return d if isinstance(d, int) else None
+
+
+def predict(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The first output for all of x, in batches (a fixed batch axis is honoured, the tail padded)."""
+    x = fit_input(sess, x)
+    fb = fixed_batch(sess)
+    bs = fb or batch_size
+    name = sess.get_inputs()[0].name
+    out = []
+    for i in range(0, len(x), bs):
+        xb = x[i:i + bs]
+        n = len(xb)
+        if fb and n < fb:
+            xb = np.concatenate([xb, np.zeros((fb - n, *xb.shape[1:]), np.float32)])
+        out.append(sess.run(None, {name: xb})[0][:n])
+    return np.concatenate(out)
+
+
+@dataclass
+class Latency:
+    batch_size: int
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+def latency(sess, x: np.ndarray, batch_size: int, repeats: int = 50, warmup: int = 5) -> Latency:
+    """Median wall time of `repeats` runs of one batch (after `warmup` runs)."""
+    x = fit_input(sess, x)
+    bs = fixed_batch(sess) or batch_size
+    xb = x[:bs]
+    if len(xb) < bs:
+        xb = np.concatenate([xb] * (-(-bs // len(xb))))[:bs]
+    name = sess.get_inputs()[0].name
+    for _ in range(warmup):
+        sess.run(None, {name: xb})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {name: xb})
+        times.append((time.perf_counter() - t0) * 1000)
+    return Latency(bs, float(np.median(times)), float(np.percentile(times, 90)), repeats)
+
+
+def load_input_array(path: str) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as a .npy array: {e}") from None
+    if not isinstance(x, np.ndarray) or x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
+        raise UserError(f"{path}: expected a numeric array of shape (N, features...), got {getattr(x, 'shape', None)}")
+    return x

@@ -1,0 +1,324 @@
+"""`qexport verify`: onnxruntime against a PyTorch reference that repeats the graph's arithmetic.
+
+The reference is built from the *artifact* (codes, α, biases, BatchNorm, normalisation), not from
+the ONNX file, so a flipped code, a wrong scale or a missing normalisation in the file shows up as
+a difference. Only the activation quantization parameters (a property of the export, calibrated at
+export time) are read from the file.
+
+- `weights`: the float model with W = α·Q (fp32), compared with a relative tolerance.
+- `qdq` / `qoperator`: the integer pipeline as onnxruntime runs it on x86 (toolchains.md §3):
+  QuantizeLinear = round_half_even(clamp(x / s, -zp, 255 - zp)) + zp (divide, not multiply by 1/s);
+  QLinearConv/QGemm: int32 acc = Σ(x_q - x_zp)·w_q + b_q, then fp32(acc)·m with m = (x_s·w_s)/y_s
+  computed in fp32 in that order, clamp, round half to even, add y_zp. QLinearAdd and
+  QLinearGlobalAveragePool are emulated in fp32 the way MLAS computes them; their vector kernels
+  may still differ by one step at exact ties, hence a tolerance of one output step.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qadmm.errors import UserError
+from qexport.calibrate import PASS_THROUGH, QParams
+from qexport.onnx_graph import INPUT, OUTPUT, Op, apply_op, evaluate, integer_layer, read_metadata, trace
+from qexport.onnx_qoperator import qname
+from qexport.runner import SATURATION_SAFE_CODE, cpu_has_vnni, max_code
+
+FORMS = ("weights", "qdq", "qoperator")
+
+
+@dataclass
+class Tolerance:
+    rel: float = 1e-5  # weights: max |Δ| / max |reference|
+    steps: float = 1.0  # integer forms: max |Δ| in output quantization steps
+    agreement_weights: float = 100.0  # % top-1 agreement
+    agreement_integer: float = 99.9
+    # qdq with optimisations off runs each layer in fp32 on dequantized values (MLAS float sums,
+    # another order than the integer kernels): ties at each layer can add up to one more step.
+    steps_qdq_unfused: float = 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The integer reference (ORT x86 arithmetic, toolchains.md §3).
+
+def quantize(x: torch.Tensor, p: QParams) -> torch.Tensor:
+    """ORT QuantizeLinear to uint8: x / s in fp32, clamp to [-zp, 255-zp], round half even, + zp."""
+    zp = float(p.zero_point)
+    v = x.to(torch.float32) / torch.tensor(p.scale, dtype=torch.float32)
+    return torch.round(torch.clamp(v, -zp, 255.0 - zp)).to(torch.int64) + int(p.zero_point)
+
+
+def dequantize(q: torch.Tensor, p: QParams) -> torch.Tensor:
+    return (q - int(p.zero_point)).to(torch.float32) * torch.tensor(p.scale, dtype=torch.float32)
+
+
+def requantize(acc: torch.Tensor, m: np.ndarray, p: QParams, channel_dim: int) -> torch.Tensor:
+    """fp32(acc) · m (per channel), clamp, round half even, + y_zp: MlasRequantizeOutput."""
+    mt = torch.as_tensor(np.asarray(m, np.float32))
+    if mt.dim() == 1:
+        mt = mt.reshape(-1, *([1] * (acc.dim() - channel_dim - 1)))
+    zp = float(p.zero_point)
+    f = acc.to(torch.int32).to(torch.float32) * mt
+    return torch.round(torch.clamp(f, -zp, 255.0 - zp)).to(torch.int64) + int(p.zero_point)
+
+
+def _qlinear(op: Op, art, xq: torch.Tensor, px: QParams, py: QParams) -> torch.Tensor:
+    il = integer_layer(op, art.layers[op.name], px.scale)
+    cout = il.q.shape[0]
+    w = torch.as_tensor(il.q.astype(np.float64))
+    xc = (xq - int(px.zero_point)).to(torch.float64)  # exact integers in float64 (|acc| << 2^53)
+    if op.kind == "conv":
+        m = op.module
+        acc = F.conv2d(xc, w, None, m.stride, m.padding, m.dilation, m.groups)
+    else:
+        acc = xc @ w.T
+    acc = acc.round().to(torch.int64) + torch.as_tensor(il.bias, dtype=torch.int64).reshape(-1, *([1] * (acc.dim() - 2)))
+    scale = (np.float32(px.scale) * np.broadcast_to(il.w_scale, (cout,)).astype(np.float32)) / np.float32(py.scale)  # m = (x_s·w_s)/y_s
+    return requantize(acc, scale.astype(np.float32), py, 1)
+
+
+def _qadd(a: torch.Tensor, pa: QParams, b: torch.Tensor, pb: QParams, pc: QParams) -> torch.Tensor:
+    """MLAS QLinearAdd on x86: a·(sa/sc) + b·(sb/sc) + (zc - za·sa/sc - zb·sb/sc), every step
+    in fp32 in this order (the zero points folded into one constant), round half even, clamp."""
+    f32 = np.float32
+    ra, rb = f32(f32(pa.scale) / f32(pc.scale)), f32(f32(pb.scale) / f32(pc.scale))
+    const = f32(f32(f32(int(pc.zero_point)) - f32(ra * f32(int(pa.zero_point)))) - f32(rb * f32(int(pb.zero_point))))
+    f = a.to(torch.float32) * float(ra) + b.to(torch.float32) * float(rb)  # each product and the sum in fp32
+    f = f + float(const)
+    return torch.clamp(torch.round(f), 0, 255)
+
+
+def _qgap(x: torch.Tensor, px: QParams, py: QParams) -> torch.Tensor:
+    """MLAS QLinearGlobalAveragePool: (Σx - n·zx) · (sx / (sy·n)) in fp32, round, + zy, clamp."""
+    n = x.shape[2] * x.shape[3]
+    acc = x.sum(dim=(2, 3), keepdim=True) - n * int(px.zero_point)
+    s = torch.tensor(np.float32(px.scale) / (np.float32(py.scale) * np.float32(n)), dtype=torch.float32)
+    return torch.clamp(torch.round(acc.to(torch.float32) * s) + int(py.zero_point), 0, 255)
+
+
+@torch.no_grad()
+def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every uint8 value of the qdq/qoperator graph (as int64 tensors, keyed by tensor name), and
+    the float `logits`, computed from the artifact with onnxruntime's integer arithmetic."""
+    q: dict[str, torch.Tensor] = {}
+    if INPUT in qp:
+        q[INPUT] = quantize(x, qp[INPUT])
+    for op in ops:
+        if op.kind == "normalize":
+            y = quantize(op.module(x), qp[op.out])
+        elif op.kind in ("linear", "conv") and op.name in art.layers:
+            y = _qlinear(op, art, q[op.inputs[0]], qp[op.inputs[0]], qp[op.out])
+        elif op.kind == "add":
+            y = _qadd(q[op.inputs[0]], qp[op.inputs[0]], q[op.inputs[1]], qp[op.inputs[1]], qp[op.out])
+        elif op.kind == "flatten":
+            y = torch.flatten(q[op.inputs[0]], 1)
+        elif op.kind == "maxpool":
+            y = op.module(q[op.inputs[0]].to(torch.float64)).to(torch.int64)
+        elif op.kind == "gap" and not op.relu:
+            y = _qgap(q[op.inputs[0]], qp[op.inputs[0]], qp[op.out])
+        else:  # float island: DQ -> float op -> Q
+            y = quantize(apply_op(op, [dequantize(q[i], qp[i]) for i in op.inputs]), qp[op.out])
+        q[op.out] = y.to(torch.int64)
+    out = {qname(v): t for v, t in q.items()}
+    out[OUTPUT] = dequantize(q[OUTPUT], qp[OUTPUT])
+    return out
+
+
+def float_reference(ops: list[Op], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    vals = evaluate(ops, x)
+    vals.pop(INPUT)
+    return vals
+
+
+def read_qparams(model, ops: list[Op]) -> dict[str, QParams]:
+    """Activation scales and zero points from the file (`<tensor>.scale`, `<tensor>.zero_point`)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    qp: dict[str, QParams] = {}
+
+    def get(v: str) -> QParams:
+        s, z = f"{qname(v)}.scale", f"{qname(v)}.zero_point"
+        if s not in inits or z not in inits:
+            raise UserError(f"the graph has no quantization parameters for {qname(v)} ({s}): it was not exported "
+                            f"from this artifact's model, or was edited")
+        return QParams(np.float32(numpy_helper.to_array(inits[s])), np.uint8(numpy_helper.to_array(inits[z])))
+
+    if any(INPUT in op.inputs for op in ops):
+        qp[INPUT] = get(INPUT)
+    for op in ops:
+        qp[op.out] = qp[op.inputs[0]] if op.kind in PASS_THROUGH else get(op.out)
+    return qp
+
+
+def check_initializers(model, art, ops: list[Op], qp: dict[str, QParams] | None, form: str) -> list[str]:
+    """Layers whose codes, weight scale or int32 bias in the file differ from what the artifact
+    gives (exact comparison: catches a corruption too small to move any output by a step)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def arr(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    bad = []
+    for op in ops:
+        if op.kind not in ("linear", "conv") or op.name not in art.layers:
+            continue
+        lc = art.layers[op.name]
+        if form == "weights":
+            want = {"codes": lc.q.numpy(), "alpha": lc.alpha.numpy()}
+        else:
+            il = integer_layer(op, lc, qp[op.inputs[0]].scale)
+            want = {"codes": il.q, "w_scale": il.w_scale, "bias_int32": il.bias}
+        for key, w in want.items():
+            got = arr(f"{op.name}.{key}")
+            if got is None or got.shape != w.shape or not np.array_equal(got.astype(np.float64), w.astype(np.float64)):
+                bad.append(f"{op.name}.{key}")
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Running onnxruntime and comparing.
+
+def _settings(form: str, model) -> dict[str, tuple[str, dict[str, str]]]:
+    """Session settings verified: optimisations off, all on (with what keeps `weights` faithful),
+    and for `weights` the plain defaults (reported, not judged)."""
+    from qexport.runner import faithful_config  # noqa: I001
+
+    out = {"optimizations_off": ("disable", {}), "optimizations_all": ("all", faithful_config(model))}
+    if form == "weights":
+        out["ort_defaults"] = ("all", {})
+    return out
+
+
+def _with_outputs(model, names: list[str], elem_type: int):
+    """A copy of the model that also returns the named intermediate tensors."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    produced = {o for n in m.graph.node for o in n.output}
+    for n in names:
+        if n not in have and n in produced:
+            m.graph.output.append(helper.make_tensor_value_info(n, elem_type, None))
+    return m
+
+
+def _run(model, level: str, config: dict, x: np.ndarray, batch_size: int, names: list[str] | None = None, elem_type: int = 1):
+    from qexport.runner import make_session
+
+    m = _with_outputs(model, names, elem_type) if names else model
+    sess = make_session(m.SerializeToString(), level=level, config=config, threads=0)
+    out_names = [o.name for o in sess.get_outputs()]
+    chunks: dict[str, list] = {n: [] for n in out_names}
+    for i in range(0, len(x), batch_size):
+        for n, v in zip(out_names, sess.run(None, {sess.get_inputs()[0].name: x[i:i + batch_size]})):
+            chunks[n].append(v)
+    return {n: np.concatenate(v) for n, v in chunks.items()}
+
+
+def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Tolerance | None = None,
+           batch_size: int = 256, divergence_samples: int = 256, model=None) -> dict:
+    """Compare onnxruntime with the reference on x; the JSON-ready report (`passed` says it all)."""
+    import onnx
+
+    tol = tol or Tolerance()
+    model = model if model is not None else onnx.load(model_path)
+    meta = read_metadata(model)
+    form = meta.get("qexport.form")
+    if form not in FORMS:
+        raise UserError(f"{model_path} was not written by `qexport to-onnx` (no qexport.form in its metadata): "
+                        f"`qexport run` evaluates any ONNX classifier, `verify` needs a qexport export")
+    ops = trace(art.model)
+    integer = form != "weights"
+    xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    qp = read_qparams(model, ops) if integer else None
+    refs = []
+    for i in range(0, len(xt), batch_size):
+        r = integer_reference(art, ops, qp, xt[i:i + batch_size]) if integer else float_reference(ops, xt[i:i + batch_size])
+        refs.append(r[OUTPUT].numpy())
+    ref = np.concatenate(refs)
+    step = float(qp[OUTPUT].scale) if integer else None
+    with torch.no_grad():
+        fake = torch.cat([art.model(xt[i:i + batch_size]) for i in range(0, len(xt), batch_size)]).numpy()
+    layer_names = [qname(op.out) if integer else op.out for op in ops if op.out != OUTPUT]
+    div_ref = integer_reference(art, ops, qp, xt[:divergence_samples]) if integer else float_reference(ops, xt[:divergence_samples])
+
+    def acc(logits):
+        return None if y is None else round(float((logits.argmax(1) == y).mean() * 100), 3)
+
+    report = {
+        "model": str(model_path), "form": form, "artifact_sha256": art.sha256, "samples": int(len(x)),
+        "artifact_matches_metadata": meta.get("qexport.artifact_sha256") == art.sha256,
+        "tolerance": asdict(tol), "output_step": step,
+        "accuracy": {"reference": acc(ref), "fake_quant_float_activations": acc(fake)},
+        "runs": {},
+    }
+    report["initializers_differing"] = check_initializers(model, art, ops, qp, form)
+    passed = report["artifact_matches_metadata"] and not report["initializers_differing"]
+    saturation_risk = form == "qoperator" and max_code(model) > SATURATION_SAFE_CODE and cpu_has_vnni() is False
+    for key, (level, config) in _settings(form, model).items():
+        outs = _run(model, level, config, x, batch_size)
+        got = outs[OUTPUT]
+        d = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        agree = float((got.argmax(1) == ref.argmax(1)).mean() * 100)
+        run = {"level": level, "session_config": config, "accuracy": acc(got), "top1_agreement": round(agree, 4),
+               "max_abs": float(d.max()), "mean_abs": float(d.mean())}
+        if integer:
+            # |Δ| of dequantized fp32 outputs is k·step up to float rounding: round to 1e-3 step
+            run["max_steps"] = round(float(d.max() / step), 3)
+            run["mean_steps"] = float(d.mean() / step)
+            limit = tol.steps_qdq_unfused if (form == "qdq" and level == "disable") else tol.steps
+            run["max_steps_allowed"] = limit
+            ok = run["max_steps"] <= limit and agree >= tol.agreement_integer
+        else:
+            run["rel_error"] = float(d.max() / max(float(np.abs(ref).max()), 1e-30))
+            ok = run["rel_error"] <= tol.rel and agree >= tol.agreement_weights
+        run["first_divergence"] = _first_divergence(model, level, config, x[:divergence_samples], div_ref, layer_names,
+                                                    integer, tol, qp, ops, batch_size)
+        run["passed"] = bool(ok)
+        if not ok and key == "optimizations_off" and saturation_risk:
+            run["judged"] = False
+            run["note"] = (f"this x86 CPU has no VNNI: onnxruntime's u8·s8 kernels saturate int16 pair sums for weight "
+                           f"codes above ±{SATURATION_SAFE_CODE}, and with optimisations off nothing converts them; "
+                           f"deploy with all optimisations and session.x64quantprecision=1 (judged below)")
+        elif key != "ort_defaults":
+            passed &= ok
+        report["runs"][key] = run
+    report["passed"] = bool(passed)
+    return report
+
+
+def _first_divergence(model, level, config, x, ref, names, integer, tol, qp, ops, batch_size) -> dict | None:
+    """The first value (in execution order) where onnxruntime and the reference part: for integer
+    forms a difference of more than `tol.steps` in that tensor's own steps (any difference is
+    listed too), for `weights` a relative error above `tol.rel`."""
+    outs = _run(model, level, config, x, batch_size, names, elem_type=2 if integer else 1)
+    first_any = None
+    for op in ops:
+        name = qname(op.out) if integer else op.out
+        if name not in outs:
+            continue
+        r = ref[name].numpy().astype(np.float64)
+        g = outs[name].astype(np.float64)
+        if r.shape != g.shape:
+            return {"layer": op.name, "tensor": name, "reason": f"shape {g.shape} in onnxruntime vs {r.shape} in the reference"}
+        d = np.abs(g - r)
+        worst = float(d.max()) if d.size else 0.0
+        if integer:
+            info = {"layer": op.name, "tensor": name, "max_steps": worst, "share_differing": float((d > 0).mean())}
+            if worst > 0 and first_any is None:
+                first_any = info
+            if worst > tol.steps:
+                return {**info, "first_any_difference": first_any}
+        else:
+            rel = worst / max(float(np.abs(r).max()), 1e-30)
+            if rel > tol.rel:
+                return {"layer": op.name, "tensor": name, "rel_error": rel}
+    return {"first_any_difference": first_any} if first_any else None

@@ -1,0 +1,151 @@
+"""`qexport verify` must fail a graph with one flipped code, a wrong scale or a missing
+normalisation; and the CLI round trip quantize -> to-onnx -> verify -> run works."""
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tests_helpers import run_cli
+
+N_TEST = 200
+
+
+@pytest.fixture(scope="module")
+def art4(tmp_path_factory, digits, digits_mlp):
+    from test_onnx_export import make_artifact
+
+    return make_artifact(tmp_path_factory.mktemp("v"), digits_mlp, digits, 4, per_channel=True)
+
+
+def _edit(model: onnx.ModelProto, name: str, fn) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i, t in enumerate(m.graph.initializer):
+        if t.name == name:
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(t).copy()), name))
+            return m
+    raise KeyError(name)
+
+
+def flip_one_code(a):
+    flat = a.reshape(-1)
+    i = int(np.flatnonzero(flat.astype(np.int64) != 0)[0])
+    flat[i] = (-flat[i].astype(np.int64)).astype(a.dtype)
+    return a
+
+
+def drop_normalisation(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with Sub(mean)/Div(std) bypassed: raw features go straight in."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    div = next(n for n in m.graph.node if n.op_type == "Div")
+    keep = [n for n in m.graph.node if n.op_type not in ("Sub", "Div")]
+    for n in keep:
+        n.input[:] = ["input" if i == div.output[0] else i for i in n.input]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
+
+
+@pytest.mark.parametrize("form", ["weights", "qdq", "qoperator"])
+def test_good_graph_passes_and_corrupted_ones_fail(art4, digits, tmp_path, form):
+    from qexport.calibrate import CalibConfig
+    from qexport.cli_onnx import export_onnx
+    from qexport.verify import verify
+
+    good = export_onnx(art4, form, digits.x_train, CalibConfig(num_batches=4))
+    x, y = digits.x_test[:N_TEST], digits.y_test[:N_TEST]
+    assert verify("good", art4, x, y, model=good)["passed"]
+    scale = "body.3.alpha" if form == "weights" else "body.3.w_scale"
+    corrupted = {
+        "flipped code": _edit(good, "body.3.codes", flip_one_code),
+        "wrong scale": _edit(good, scale, lambda a: (a * np.float32(1.25)).astype(np.float32)),
+        "missing normalisation": drop_normalisation(good),
+    }
+    for what, m in corrupted.items():
+        rep = verify(what, art4, x, y, model=m)
+        assert not rep["passed"], what
+        if what != "missing normalisation":  # the file's integers/scales are compared exactly
+            assert rep["initializers_differing"] == [scale if what == "wrong scale" else "body.3.codes"], what
+        if what != "flipped code" or form == "weights":  # one code may move no integer output by a step
+            assert not rep["runs"]["optimizations_all"]["passed"], what
+
+
+def test_flipped_code_is_located_in_its_layer(art4, digits):
+    """The per-layer comparison names the layer holding the corrupted code."""
+    from qexport.cli_onnx import export_onnx
+    from qexport.verify import verify
+
+    good = export_onnx(art4, "weights")
+    rep = verify("x", art4, digits.x_test[:N_TEST], None, model=_edit(good, "body.3.codes", flip_one_code))
+    assert rep["runs"]["optimizations_off"]["first_divergence"]["layer"] == "body.3"
+
+
+def test_cli_round_trip(tmp_path, digits_mlp, digits, art4):
+    """quantize -> to-onnx (every form) -> verify (exit 0, JSON) -> run (--data and --input)."""
+    a = tmp_path / "d2.qx.safetensors"
+    run_cli(["quantize", "--method", "ptq", "--bits", "2", "--epochs", "3", "-q", "-o", str(a)])
+    for form in ("weights", "qdq", "qoperator"):
+        o = tmp_path / f"d2.{form}.onnx"
+        out = run_cli(["to-onnx", str(a), "--form", form, "-o", str(o), "-q", "--calib-batches", "2"])
+        assert "wrote" in out and o.is_file()
+        rep = tmp_path / f"{form}.json"
+        out = run_cli(["verify", str(o), "--artifact", str(a), "--report", str(rep)])
+        assert "PASSED" in out and json.loads(rep.read_text())["passed"]
+    out = run_cli(["run", str(tmp_path / "d2.qdq.onnx"), "--data", "digits", "--repeats", "3"])
+    assert "accuracy" in out and "median" in out
+    np.save(tmp_path / "x.npy", digits.x_test[:5])
+    run_cli(["run", str(tmp_path / "d2.weights.onnx"), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "p.npy")])
+    assert np.load(tmp_path / "p.npy").shape == (5, 10)
+
+
+def test_cli_verify_exits_1_on_a_corrupted_graph(tmp_path, art4):
+    from qexport.cli_onnx import export_onnx
+
+    bad = _edit(export_onnx(art4, "weights"), "body.1.alpha", lambda a: (a * np.float32(1.01)).astype(np.float32))
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    out = run_cli(["verify", str(tmp_path / "bad.onnx"), "--artifact", str(art4_path(art4, tmp_path))], code=1)
+    assert "FAILED" in out
+
+
+def art4_path(art, tmp_path):
+    from qexport.artifact import save_artifact
+
+    p = tmp_path / "a.qx.safetensors"
+    save_artifact(p, art.model, art.layers, {k: v for k, v in art.meta.items() if k != "layers"})
+    return p
+
+
+def test_cli_refuses_wide_codes_for_integer_forms(tmp_path):
+    a = tmp_path / "t8.qx.safetensors"
+    run_cli(["quantize", "--method", "ptq", "--bits", "8", "--scheme", "thesis", "--epochs", "2", "-q", "-o", str(a)])
+    out = run_cli(["to-onnx", str(a), "--form", "qoperator", "-o", str(tmp_path / "t.onnx")], code=2)
+    assert "do not fit int8" in out and "--form weights" in out
+
+
+def test_run_works_on_a_foreign_onnx_classifier(tmp_path, digits):
+    """A graph qexport did not write, with a fixed batch of 1 and a flat 64-wide input."""
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "foreign",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "f.onnx"))
+    out = run_cli(["run", str(tmp_path / "f.onnx"), "--data", "digits", "--repeats", "3"])
+    acc = float(out.split("accuracy ")[1].split("%")[0])
+    expected = ((digits.x_test.reshape(-1, 64) @ w).argmax(1) == digits.y_test).mean() * 100
+    assert abs(acc - expected) < 0.006  # printed with 2 decimals
+    assert "batch 1" in out
+
+
+def test_int_types_used_by_weights_form(art4):
+    from qexport.cli_onnx import export_onnx
+
+    t = {i.name: numpy_helper.to_array(i) for i in export_onnx(art4, "weights").graph.initializer}
+    assert t["body.1.codes"].dtype == ml_dtypes.int4
