@@ -157,7 +157,9 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
                      seed=seed, params=parse_params(params), progress=not quiet)
     codes = spec.codes
-    methods.get_method(method)
+    spec.resolve(methods.get_method(method).Params)  # refuse bad input before any training
+    if output:
+        check_output_path(output)
     data = load_data(data_name, data_dir, seed, label_column)
     model, arch, train_info = float_model(data, model_name, checkpoint, seed, epochs, lr, batch_size, patience, not quiet)
     out = Path(output or f"{data.name}-{arch['model'].replace(':', '_')}-{method}-{bits}b.qx.safetensors")
