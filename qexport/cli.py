@@ -117,6 +117,23 @@ def parse_params(items: tuple[str, ...]) -> dict:
     return out
 
 
+def layer_table(history: list) -> str:
+    """The method's per-layer log (rows that name a "layer") as an aligned text table; '' if none."""
+    rows = [r for r in history if isinstance(r, dict) and "layer" in r]
+    if not rows:
+        return ""
+    cols = [k for k, v in rows[0].items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+
+    def cell(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
 @main.command(epilog=EPILOG_QUANTIZE)
 @data_options
 @click.option("--model", "model_name", default=None, help="Zoo model or package.module:factory (default: the dataset's).")
@@ -188,6 +205,9 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
                f"{', per-channel' if per_channel else ''}:")
     click.echo(f"  float     test accuracy {float_acc:6.2f}%")
     click.echo(f"  quantized test accuracy {q_acc:6.2f}%   ({seconds:.1f} s)")
+    table = layer_table(result.history)
+    if table:
+        click.echo(table)
     click.echo(f"wrote {out}  (sha256 {digest[:12]})")
 
 
@@ -211,6 +231,12 @@ from qexport.cli_onnx import run as _run_cmd, to_onnx as _to_onnx_cmd, verify as
 main.add_command(_to_onnx_cmd)
 main.add_command(_verify_cmd)
 main.add_command(_run_cmd)
+
+from qexport.cli_pack import pack as _pack_cmd, to_c as _to_c_cmd, unpack as _unpack_cmd  # noqa: E402
+
+main.add_command(_pack_cmd)
+main.add_command(_unpack_cmd)
+main.add_command(_to_c_cmd)
 
 if __name__ == "__main__":
     main()

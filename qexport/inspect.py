@@ -19,6 +19,11 @@ def _hist(q: torch.Tensor, levels: list[int]) -> str:
 
 
 def describe(path: str | Path, as_json: bool = False) -> str:
+    from qexport.artifact import read_header
+    from qexport.packfile import FORMAT as PACKED_FORMAT, describe_packed
+
+    if read_header(path).get("format") == PACKED_FORMAT:  # a `qexport pack` file
+        return describe_packed(path, as_json)
     art = load_artifact(path)
     if as_json:
         return json.dumps({"sha256": art.sha256, **art.meta}, indent=2, sort_keys=True)

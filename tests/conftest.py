@@ -30,7 +30,7 @@ def digits_mlp(digits):
     from qadmm.train import TrainConfig, seed_everything, train_epochs
     from qadmm.zoo import build_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     seed_everything(0)
     model = build_model("mlp-digits", digits.input_shape, digits.num_classes, digits.mean, digits.std)
     train_epochs(model, digits, TrainConfig(epochs=25, lr=3e-3, batch_size=32, patience=25), progress=False)

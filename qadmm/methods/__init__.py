@@ -24,6 +24,8 @@ METHODS: dict[str, str] = {
     "ste": "qadmm.methods.ste",
     "admm-q": "qadmm.methods.admmq",
     "proxquant": "qadmm.methods.proxquant",
+    "qnn-admm": "qadmm.methods.qnn_admm",
+    "lq": "qadmm.methods.lq",
 }
 
 

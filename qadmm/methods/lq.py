@@ -1,0 +1,235 @@
+"""LQ: layerwise quantization with ADMM (thesis ch. 5). Layer by layer: ADMM on W ≈ α·Q, fix α·Q, retrain later layers.
+
+For each quantizable layer l in forward order, with layers 1..l-1 fixed at α·Q and l+1..L float:
+
+1. ADMM on the split W_l = G_l, G_l ∈ α·C (eq. 5.2-5.6), for at most `iters` rounds:
+   - W-step (eq. 5.8): `inner_epochs` passes of minibatch Adam on the task loss R plus the
+     augmented term ρ/2‖W_l − G_l + λ/ρ‖²; with `joint` the later float layers move with W_l;
+   - G-step (eq. 5.9-5.15): the alternating α/Q fit of V = W_l + λ/ρ (`qadmm.codes.fit`, Algorithm 8),
+     warm-started from the previous α;
+   - dual step (eq. 5.16): λ ← λ + ρ(W_l − G_l); then ρ ← ρ·`rho_growth`.
+   The round whose G_l (with the later layers as they were then) scores best on validation is kept;
+   the loop stops early once ‖W_l − G_l‖/‖W_l‖ < `tol`.
+2. Fix W̄_l = α_l·Q_l (exactly; its weight is never touched again).
+3. Retrain the float parameters after layer l (eq. 5.17), BatchNorm included, plus layer l's bias,
+   for `retrain_epochs` epochs, keeping the epoch that scores best on validation.
+
+The penalty is divided by ‖W_l⁰‖² (the layer's float weights), so one ρ means the same for every
+layer and model: ρ/2 is the loss, in nats, of a relative residual of 1.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qadmm.codes import CodeSet, fit
+from qadmm.data import Dataset
+from qadmm.errors import UserError
+from qadmm.layers import quantizable_layers
+from qadmm.spec import LayerCodes, QuantResult, QuantSpec
+from qadmm.train import batches, evaluate, seed_everything
+
+
+@dataclass
+class Params:
+    # Defaults measured on pendigits/seeds/digits (thesis scheme, 1-8 bits); see docs/lq.md.
+    iters: int = 20  # ADMM rounds per layer (cap)
+    inner_epochs: float = 1.0  # W-step length in passes over the training set (fractions allowed)
+    rho: float = 0.1  # initial penalty ρ (on the ‖W_l⁰‖²-normalised residual)
+    rho_growth: float = 1.5  # ρ ← ρ·growth after every dual step; 1 keeps ρ fixed
+    tol: float = 1e-3  # stop once ‖W − G‖/‖W‖ falls below this
+    lr: float = 3e-3  # Adam learning rate of the W-step
+    joint: bool = True  # the W-step also trains the later float layers (eq. 5.8 + 5.17 together)
+    retrain_epochs: int = 5  # epochs of retraining of the later layers after fixing a layer (eq. 5.17)
+    retrain_lr: float = 1e-3
+    batch_size: int = 32
+    min_steps: int = 100  # floor on minibatches per W-step and per retraining epoch (tiny datasets)
+    select: str = "acc"  # model selection on validation: "acc" (accuracy, ties by loss) or "loss"
+
+
+@dataclass
+class Stage:
+    """The parameter sets of one layer's step: which modules run in train mode, what may move."""
+
+    weight: nn.Parameter  # W_l
+    bias: nn.Parameter | None  # b_l: float, trained with W_l and in the retraining after it
+    after: list[nn.Parameter]  # the float parameters of the modules after layer l
+    frozen_modules: list[nn.Module]  # leaf modules before layer l (eval mode: BatchNorm statistics fixed)
+
+    @property
+    def later(self) -> list[nn.Parameter]:
+        """What the retraining of eq. 5.17 may change."""
+        return ([self.bias] if self.bias is not None else []) + self.after
+
+
+def stage(model: nn.Module, layer_name: str) -> Stage:
+    """Split `model` at `layer_name` in registration (= forward, for the zoo) order."""
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    order = [n for n, _ in leaves]
+    if layer_name not in order:
+        raise KeyError(layer_name)
+    k = order.index(layer_name)
+    layer = leaves[k][1]
+    after = [p for _, m in leaves[k + 1:] for p in m.parameters(recurse=False)]
+    return Stage(layer.weight, getattr(layer, "bias", None), after, [m for _, m in leaves[:k]])
+
+
+def set_modes(model: nn.Module, st: Stage) -> None:
+    """Train mode for layer l and after, eval mode before it (frozen BatchNorm keeps its statistics)."""
+    model.train()
+    for m in st.frozen_modules:
+        m.eval()
+
+
+class Trainer:
+    """Minibatch Adam over a fixed parameter list, with an optional extra loss; steps counted exactly."""
+
+    def __init__(self, model: nn.Module, data: Dataset, st: Stage, params: list[nn.Parameter], lr: float,
+                 batch_size: int, gen: torch.Generator, min_steps: int = 1):
+        self.model, self.st, self.params = model, st, params
+        self.opt = torch.optim.Adam(params, lr=lr)
+        self.x, self.y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
+        self.batch_size, self.gen, self.min_steps = batch_size, gen, min_steps
+        self.ce = nn.CrossEntropyLoss()
+
+    def run(self, epochs: float, extra=None) -> float:
+        """`epochs` passes (fractions allowed, at least one minibatch); returns the mean task loss."""
+        steps = max(1, self.min_steps, round(epochs * -(-len(self.x) // self.batch_size)))
+        own = set(map(id, self.params))
+        for p in self.model.parameters():  # only this stage's parameters get gradients
+            p.requires_grad_(id(p) in own)
+        set_modes(self.model, self.st)
+        total, done = 0.0, 0
+        while done < steps:
+            for idx in batches(len(self.x), self.batch_size, self.gen):
+                self.opt.zero_grad(set_to_none=True)
+                loss = self.ce(self.model(self.x[idx]), self.y[idx])
+                total += float(loss.detach())
+                if extra is not None:
+                    loss = loss + extra()
+                loss.backward()
+                self.opt.step()
+                done += 1
+                if done >= steps:
+                    break
+        return total / steps
+
+
+def score(model: nn.Module, data: Dataset, select: str = "acc") -> tuple[float, float]:
+    """Validation key, higher is better: (accuracy %, −cross-entropy), or (−cross-entropy, accuracy)
+    with select="loss" (smoother on small validation splits)."""
+    acc, loss = evaluate(model, data.x_val, data.y_val)
+    return (acc, -loss) if select == "acc" else (-loss, acc)
+
+
+def admm_layer(model: nn.Module, data: Dataset, name: str, codes: CodeSet, per_channel: bool, p: Params,
+               gen: torch.Generator, progress: bool = False, desc: str = "") -> tuple[LayerCodes, dict]:
+    """ADMM on one layer (eq. 5.2-5.16). Leaves the model with W_l = α·Q of the best round (by
+    validation) and the later layers as they were in that round; returns the codes and a log."""
+    st = stage(model, name)
+    w = st.weight
+    w0 = w.detach().clone()
+    scale = max(float((w0**2).sum()), 1e-30)  # normalises the penalty: ρ is per relative residual²
+    f = fit(w0, codes, per_channel)  # G⁰: the full multi-start fit of the float weights (= PTQ)
+    g, alpha = f.dequantize(), f.alpha
+    lam = torch.zeros_like(w0)  # λ⁰ = 0
+    rho = p.rho
+    params = [w] + (st.later if p.joint else [st.bias] if st.bias is not None else [])
+    trainer = Trainer(model, data, st, params, p.lr, p.batch_size, gen, p.min_steps)
+
+    def penalty() -> torch.Tensor:  # eq. 5.8: ρ/2‖W − G + λ/ρ‖², normalised by ‖W⁰‖²
+        return rho / (2 * scale) * ((w - g + lam / rho) ** 2).sum()
+
+    def scored_with(q_w: torch.Tensor) -> tuple[float, float]:
+        keep = w.detach().clone()
+        with torch.no_grad():
+            w.copy_(q_w)
+        s = score(model, data, p.select)
+        with torch.no_grad():
+            w.copy_(keep)
+        return s
+
+    best_key = scored_with(g)  # round 0: plain projection with the trained later layers
+    best = (f.q, f.alpha, [t.detach().clone() for t in st.later])
+    best_round, residual, loss, rounds, residuals = 0, float("nan"), float("nan"), 0, []
+    bar = tqdm(range(1, p.iters + 1), desc=desc, disable=not progress, leave=False)
+    for k in bar:
+        rounds = k
+        loss = trainer.run(p.inner_epochs, penalty)  # W-step, eq. 5.8
+        with torch.no_grad():
+            v = w.detach() + lam / rho  # V = W + λ/ρ
+            f = fit(v, codes, per_channel, alpha0=alpha, max_iter=10)  # G-step, eq. 5.9-5.15 (Algorithm 8)
+            g, alpha = f.dequantize(), f.alpha
+            lam += rho * (w.detach() - g)  # dual step, eq. 5.16
+            residual = float((w.detach() - g).norm() / w.detach().norm().clamp_min(1e-30))
+            residuals.append(round(residual, 6))
+        key = scored_with(g)
+        if key > best_key:
+            best_key, best_round = key, k
+            best = (f.q, f.alpha, [t.detach().clone() for t in st.later])
+        bar.set_postfix(res=f"{residual:.3g}", loss=f"{loss:.3f}", val=f"{key[0]:.1f}%", rho=f"{rho:.3g}")
+        rho *= p.rho_growth
+        if residual < p.tol:
+            break
+    q, alpha, later = best
+    lc = LayerCodes(q, alpha, codes)
+    with torch.no_grad():  # step 2: fix W̄_l = α·Q (and restore the later layers of that round)
+        w.copy_(lc.weight())
+        for t, v in zip(st.later, later):
+            t.copy_(v)
+    acc = best_key[0] if p.select == "acc" else best_key[1]
+    return lc, {"rounds": rounds, "best_round": best_round, "residual": residual, "rho_end": rho,
+                "w_loss": loss, "val_acc_fixed": acc, "residuals": residuals}
+
+
+def retrain_later(model: nn.Module, data: Dataset, name: str, epochs: int, lr: float, batch_size: int,
+                  gen: torch.Generator, progress: bool = False, desc: str = "", min_steps: int = 1,
+                  select: str = "acc") -> tuple[float, float]:
+    """Eq. 5.17: train only the float parameters after layer `name` (and its bias); keep the epoch
+    (0 included) that scores best on validation. Returns that (val acc, val loss)."""
+    st = stage(model, name)
+    best_key = score(model, data, select)
+    best = [t.detach().clone() for t in st.later]
+    if st.later and epochs > 0:
+        trainer = Trainer(model, data, st, st.later, lr, batch_size, gen, min_steps)
+        for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+            trainer.run(1.0)
+            key = score(model, data, select)
+            if key > best_key:
+                best_key, best = key, [t.detach().clone() for t in st.later]
+    with torch.no_grad():
+        for t, v in zip(st.later, best):
+            t.copy_(v)
+    return (best_key[0], -best_key[1]) if select == "acc" else (best_key[1], -best_key[0])
+
+
+def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
+    p = spec.resolve(Params)
+    if p.iters < 0 or p.inner_epochs <= 0 or p.rho <= 0 or p.rho_growth < 1 or p.lr <= 0 or p.batch_size < 1:
+        raise UserError("lq: need iters >= 0, inner_epochs > 0, rho > 0, rho_growth >= 1, lr > 0, batch_size >= 1")
+    if p.select not in ("acc", "loss"):
+        raise UserError(f"lq: select={p.select!r}: use select=acc or select=loss")
+    codes = spec.codes
+    model = copy.deepcopy(model)
+    gen = seed_everything(spec.seed)
+    names = [n for n, _ in quantizable_layers(model, spec.keep_first, spec.keep_last)]
+    layers: dict[str, LayerCodes] = {}
+    history = []
+    bar = tqdm(names, desc=f"lq {codes.describe()}", disable=not spec.progress)
+    for i, name in enumerate(bar):
+        t0 = time.time()
+        bar.set_postfix(layer=name)
+        lc, log = admm_layer(model, data, name, codes, spec.per_channel, p, gen, spec.progress, f"  admm {name}")
+        layers[name] = lc
+        acc, loss = retrain_later(model, data, name, p.retrain_epochs, p.retrain_lr, p.batch_size, gen,
+                                  spec.progress, f"  retrain after {name}", p.min_steps, p.select)
+        history.append({"layer": name, **log, "val_acc": acc, "val_loss": loss, "seconds": round(time.time() - t0, 2)})
+    for prm in model.parameters():
+        prm.requires_grad_(True)
+    model.eval()
+    return QuantResult(model, layers, "lq", asdict(p), history)
