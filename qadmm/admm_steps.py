@@ -43,6 +43,24 @@ def _backtrack(j0: float, gg: float, j_at, curv: Curvature) -> float | None:
     return None
 
 
+def _linearized_step(x, g, r, p, d, w_r: float, w_d: float, curv: Curvature) -> torch.Tensor:
+    """x − g/c, c backtracked (eq. 4.9 / 4.32) on J(x − s·g) = w_r/2‖r + s·p‖² + w_d/2‖d − s·g‖².
+
+    Both the W- and the a-subproblem have this form (r the linear residual, p its change per unit
+    step, d the distance to the proximal target), so J along the step is a quadratic in s = 1/c
+    whose six coefficients cost one pass: every backtracking trial is then O(1).
+    """
+    rr, rp, pp = float((r * r).sum()), float((r * p).sum()), float((p * p).sum())
+    dd, dg, gg = float((d * d).sum()), float((d * g).sum()), float((g * g).sum())
+
+    def j_at(c: float) -> float:
+        s = 1.0 / c
+        return w_r / 2 * (rr + 2 * s * rp + s * s * pp) + w_d / 2 * (dd - 2 * s * dg + s * s * gg)
+
+    c = _backtrack(j_at(math.inf), gg, j_at, curv)
+    return x if c is None else x - g / c
+
+
 def w_objective(W, G, a_prev, target, b, beta_n: float, mu: float) -> float:
     """J_w (eq. 4.1): β/2n ‖target − a W ᵀ − b‖² + μ/2 ‖W − G‖²."""
     r = target - a_prev @ W.T - b
@@ -59,15 +77,7 @@ def w_step(W, G, a_prev, target, b, beta_n: float, mu: float, curv: Curvature) -
     d = W - G
     g = -beta_n * (r.T @ a_prev) + mu * d  # eq. 4.10
     p = a_prev @ g.T  # residual change per unit step: r(W − s g) = r + s P
-    rr, rp, pp = float((r * r).sum()), float((r * p).sum()), float((p * p).sum())
-    dd, dg, gg = float((d * d).sum()), float((d * g).sum()), float((g * g).sum())
-
-    def j_at(c: float) -> float:
-        s = 1.0 / c
-        return beta_n / 2 * (rr + 2 * s * rp + s * s * pp) + mu / 2 * (dd - 2 * s * dg + s * s * gg)
-
-    c = _backtrack(j_at(math.inf), gg, j_at, curv)
-    return W if c is None else W - g / c
+    return _linearized_step(W, g, r, p, d, beta_n, mu, curv)
 
 
 def bias_step(W, a_prev, target) -> torch.Tensor:
@@ -100,16 +110,8 @@ def a_step(a, hz, target_next, W_next, b_next, beta: float, gamma: float, curv: 
     r = target_next - a @ W_next.T - b_next
     d = a - hz
     g = -beta * (r @ W_next) + gamma * d  # eq. 4.33
-    p = g @ W_next.T
-    rr, rp, pp = float((r * r).sum()), float((r * p).sum()), float((p * p).sum())
-    dd, dg, gg = float((d * d).sum()), float((d * g).sum()), float((g * g).sum())
-
-    def j_at(c: float) -> float:
-        s = 1.0 / c
-        return beta / 2 * (rr + 2 * s * rp + s * s * pp) + gamma / 2 * (dd - 2 * s * dg + s * s * gg)
-
-    c = _backtrack(j_at(math.inf), gg, j_at, curv)
-    return a if c is None else a - g / c
+    p = g @ W_next.T  # r(a − s g) = r + s p
+    return _linearized_step(a, g, r, p, d, beta, gamma, curv)
 
 
 def cross_entropy_sum(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from qadmm.codes import fit
 from qadmm.data import Dataset
 from qadmm.layers import quantizable_layers
 from qadmm.spec import LayerCodes, QuantSpec, apply_codes
-from qadmm.train import batches, evaluate, seed_everything
+from qadmm.train import evaluate, seed_everything, train_epoch
 
 
 @dataclass
@@ -74,7 +74,6 @@ def finetune(
     gen = seed_everything(spec.seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     x, y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
-    ce = nn.CrossEntropyLoss()
     forward = forward or model
     best_model, best_layers = proj.quantized_copy()
     best = evaluate(best_model, data.x_val, data.y_val)
@@ -82,15 +81,8 @@ def finetune(
     bar = tqdm(range(1, epochs + 1), desc=desc, disable=not spec.progress, leave=False)
     for epoch in bar:
         model.train()
-        for idx in batches(len(x), batch_size, gen):
-            opt.zero_grad()
-            loss = ce(forward(x[idx]), y[idx])
-            if loss_extra is not None:
-                loss = loss + loss_extra()
-            loss.backward()
-            opt.step()
-            if after_step is not None:
-                after_step(epoch)
+        train_epoch(forward, opt, x, y, batch_size, gen, loss_extra,
+                    None if after_step is None else lambda: after_step(epoch))
         if after_epoch is not None:
             after_epoch(epoch)
         qm, layers = proj.quantized_copy()

@@ -62,6 +62,25 @@ def batches(n: int, batch_size: int, gen: torch.Generator):
         yield perm[i : i + batch_size]
 
 
+def train_epoch(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                gen: torch.Generator, loss_extra=None, after_step=None) -> float:
+    """One pass of minibatch `opt` on cross-entropy (+ `loss_extra()`); returns the mean task+extra loss.
+    `after_step()` runs after every optimiser step (e.g. a projection)."""
+    ce = nn.CrossEntropyLoss()
+    total = 0.0
+    for idx in batches(len(x), batch_size, gen):
+        opt.zero_grad()
+        loss = ce(forward(x[idx]), y[idx])
+        if loss_extra is not None:
+            loss = loss + loss_extra()
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        if after_step is not None:
+            after_step()
+    return total / len(x)
+
+
 def train_epochs(
     model: nn.Module,
     data: Dataset,
@@ -79,7 +98,6 @@ def train_epochs(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     x = torch.as_tensor(data.x_train)
     y = torch.as_tensor(data.y_train)
-    ce = nn.CrossEntropyLoss()
     # Model selection on (validation accuracy, then validation loss): small validation sets saturate
     # at 100% early, and the loss still tells which of those weights generalise better.
     best_val, best_loss = evaluate(model, data.x_val, data.y_val)
@@ -89,20 +107,11 @@ def train_epochs(
     epoch = 0
     for epoch in bar:
         model.train()
-        total, count = 0.0, 0
-        for idx in batches(len(x), cfg.batch_size, gen):
-            opt.zero_grad()
-            loss = ce(model(x[idx]), y[idx])
-            if loss_extra is not None:
-                loss = loss + loss_extra()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
+        loss = train_epoch(model, opt, x, y, cfg.batch_size, gen, loss_extra)
         sched.step()
         val, val_loss = evaluate(model, data.x_val, data.y_val)
-        history.append({"epoch": epoch, "loss": total / count, "val_acc": val, "val_loss": val_loss})
-        bar.set_postfix(loss=f"{total / count:.4f}", val=f"{val:.2f}%")
+        history.append({"epoch": epoch, "loss": loss, "val_acc": val, "val_loss": val_loss})
+        bar.set_postfix(loss=f"{loss:.4f}", val=f"{val:.2f}%")
         if val > best_val or (val == best_val and val_loss < best_loss):
             best_val, best_loss, best_epoch, best_state = val, val_loss, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:

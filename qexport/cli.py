@@ -46,9 +46,14 @@ def main(ctx: click.Context, debug: bool) -> None:
 
     \b
     Typical flow:
-      qexport train    --data digits -o digits.safetensors       # float model
-      qexport quantize --checkpoint digits.safetensors --bits 2   # -> artifact (codes + scales)
-      qexport inspect  digits-mlp-digits-ptq-2b.qx.safetensors
+      qexport train    -o digits.safetensors                      # float model (digits)
+      qexport quantize --checkpoint digits.safetensors --bits 2 -o d2.qx.safetensors   # LQ
+      qexport inspect  d2.qx.safetensors                          # codes, scales, sizes
+      qexport to-onnx  d2.qx.safetensors -o d2.onnx --form qoperator
+      qexport verify   d2.onnx --artifact d2.qx.safetensors       # onnxruntime vs PyTorch
+      qexport run      d2.onnx                                    # accuracy and latency
+      qexport pack     d2.qx.safetensors -o d2.qpk.safetensors    # 2 bits per weight
+      qexport to-c     d2.qx.safetensors -o d2_c/                 # C99 for a microcontroller
     """
     ctx.ensure_object(dict)["debug"] = debug
 
@@ -140,7 +145,7 @@ def layer_table(history: list) -> str:
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Float weights: a qexport checkpoint, or a state_dict for --model package.module:factory. "
                    "Without it the float model is trained first.")
-@click.option("--method", default=None, help="Back-end (see `qexport quantize --list-methods`). Default: lq when available, else ptq.")
+@click.option("--method", default="lq", show_default=True, help="Back-end: ptq, ste, admm-q, proxquant, lq, qnn-admm (see --list-methods).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight code (1-8).")
 @click.option("--scheme", type=click.Choice(["binary", "symmetric", "thesis"]), default=None,
               help="Code set: binary {-1,+1} (1 bit), symmetric ±(2^(N-1)-1) (default for N>=2), thesis ±(2^N-1).")
@@ -168,9 +173,9 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
         for name in methods.METHODS:
             mod = methods.get_method(name)
             fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(mod.Params))
-            click.echo(f"{name:10s} {(mod.__doc__ or '').strip().splitlines()[0]}\n{'':10s} {fields}")
+            summary = " ".join((mod.__doc__ or "").split("\n\n")[0].split()).split(". ")[0]
+            click.echo(f"{name:10s} {summary}\n{'':10s} {fields}")
         return
-    method = method or ("lq" if "lq" in methods.METHODS else "ptq")
     spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
                      seed=seed, params=parse_params(params), progress=not quiet)
     codes = spec.codes

@@ -14,17 +14,13 @@ from __future__ import annotations
 import numpy as np
 
 from qexport.calibrate import QParams
-from qexport.onnx_graph import INPUT, OUTPUT, Builder, Op, conv_attrs, finish, integer_layer, metadata, normalize_nodes
-from qexport.onnx_qoperator import QParamInits, check_int8, qname
+from qexport.onnx_graph import INPUT, OUTPUT, Op, conv_attrs, finish, integer_layer, metadata, normalize_nodes
+from qexport.onnx_qoperator import qname, start_integer_graph
 from qexport.onnx_weights import emit_float_op
 
 
 def export_qdq(art, ops: list[Op], qp: dict[str, QParams], calib: dict):
-    check_int8(art)
-    b = Builder()
-    qpi = QParamInits(b, qp)
-    if any(INPUT in op.inputs for op in ops):
-        b.node("QuantizeLinear", [INPUT, *qpi(INPUT)], qname(INPUT))
+    b, qpi = start_integer_graph(art, ops, qp)
     for op in ops:
         y = qname(op.out)
         if op.kind == "normalize":

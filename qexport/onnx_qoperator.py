@@ -68,12 +68,18 @@ def emit_island(b: Builder, op: Op, art, qpi: QParamInits) -> None:
     b.node("QuantizeLinear", [y, *qpi(op.out)], qname(op.out))
 
 
-def export_qoperator(art, ops: list[Op], qp: dict[str, QParams], calib: dict):
+def start_integer_graph(art, ops: list[Op], qp: dict[str, QParams]) -> tuple[Builder, QParamInits]:
+    """What both integer forms begin with: refuse codes beyond int8, quantize the raw input if read."""
     check_int8(art)
     b = Builder()
     qpi = QParamInits(b, qp)
     if any(INPUT in op.inputs for op in ops):
         b.node("QuantizeLinear", [INPUT, *qpi(INPUT)], qname(INPUT))
+    return b, qpi
+
+
+def export_qoperator(art, ops: list[Op], qp: dict[str, QParams], calib: dict):
+    b, qpi = start_integer_graph(art, ops, qp)
     for op in ops:
         x = [qname(i) for i in op.inputs]
         y = qname(op.out)

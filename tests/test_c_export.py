@@ -16,7 +16,7 @@ from qexport.artifact import save_artifact
 from qexport.c_export import export_c
 from qexport.packfile import load_packed
 from test_packfile import make_artifact
-from tests_helpers import run_cli
+from tests_helpers import cnn_artifact, run_cli
 
 CC = shutil.which("gcc")
 needs_gcc = pytest.mark.skipif(CC is None, reason="no gcc on PATH: install a C compiler (e.g. apt-get install gcc) to run the C export tests")
@@ -104,13 +104,8 @@ def test_c_unpacker_reads_every_width(tmp_path, digits, digits_mlp):
 
 
 def test_refuses_non_mlp_models(tmp_path, digits):
-    torch.manual_seed(0)
-    model = build_model("cnn-small", digits.input_shape, digits.num_classes, digits.mean, digits.std).eval()
-    res = methods.quantize("ptq", model, digits, QuantSpec(bits=4, progress=False))
-    meta = {"architecture": {"model": "cnn-small", "input_shape": list(digits.input_shape), "num_classes": digits.num_classes},
-            "preprocessing": {"mean": digits.mean.tolist(), "std": digits.std.tolist()}}
     path = tmp_path / "cnn.qx.safetensors"
-    save_artifact(path, res.model, res.layers, meta)
+    cnn_artifact(path, digits, bits=4)
     with pytest.raises(UserError, match="MLPs only .* body.0 is Conv2d"):
         export_c(load_packed(path), tmp_path / "c")
     msg = run_cli(["to-c", str(path), "-o", str(tmp_path / "c2")], code=2)

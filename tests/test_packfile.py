@@ -13,7 +13,7 @@ from qadmm.errors import UserError
 from qadmm.spec import QuantSpec
 from qexport.artifact import load_artifact, save_artifact
 from qexport.packfile import pack_artifact, read_packed, unpack_file, write_packed
-from tests_helpers import run_cli
+from tests_helpers import cnn_artifact, run_cli
 
 CONFIGS = [  # bits, scheme, per_channel, keep_first -> every scheme and stored width 1..9
     (1, None, False, False), (2, None, True, False), (3, "thesis", False, True), (4, None, False, False),
@@ -79,14 +79,7 @@ def test_pack_unpack_round_trip_and_sizes(tmp_path, digits, artifacts, cfg):
 
 def test_cnn_small_file_size_bound(tmp_path, digits):
     """The size bound also holds with BatchNorm tensors (cnn-small: 13 float tensors)."""
-    from qadmm.zoo import build_model
-
-    torch.manual_seed(0)
-    model = build_model("cnn-small", digits.input_shape, digits.num_classes, digits.mean, digits.std).eval()
-    res = methods.quantize("ptq", model, digits, QuantSpec(bits=1, progress=False))
-    meta = {"architecture": {"model": "cnn-small", "input_shape": list(digits.input_shape), "num_classes": digits.num_classes},
-            "preprocessing": {"mean": digits.mean.tolist(), "std": digits.std.tolist()}}
-    save_artifact(tmp_path / "c.qx.safetensors", res.model, res.layers, meta)
+    res = cnn_artifact(tmp_path / "c.qx.safetensors", digits, bits=1)
     packed = pack_artifact(load_artifact(tmp_path / "c.qx.safetensors"))
     write_packed(packed, tmp_path / "c.qpk.safetensors")
     assert packed.file_bytes <= 1.01 * packed.sizes()["tensors"] + 4096

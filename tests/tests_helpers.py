@@ -1,4 +1,7 @@
-"""Helpers shared by the CLI tests."""
+"""Helpers shared by the tests."""
+from pathlib import Path
+
+import torch
 from click.testing import CliRunner
 
 from qexport.cli import main
@@ -9,3 +12,19 @@ def run_cli(args: list[str], code: int = 0) -> str:
     r = CliRunner().invoke(main, args)
     assert r.exit_code == code, f"exit {r.exit_code}: {r.output}\n{r.exc_info}"
     return r.output
+
+
+def cnn_artifact(path: Path, digits, bits: int):
+    """A PTQ artifact of an untrained cnn-small on digits (BatchNorm included) at `path`; the result."""
+    from qadmm import methods
+    from qadmm.spec import QuantSpec
+    from qadmm.zoo import build_model
+    from qexport.artifact import save_artifact
+
+    torch.manual_seed(0)
+    model = build_model("cnn-small", digits.input_shape, digits.num_classes, digits.mean, digits.std).eval()
+    res = methods.quantize("ptq", model, digits, QuantSpec(bits=bits, progress=False))
+    meta = {"architecture": {"model": "cnn-small", "input_shape": list(digits.input_shape), "num_classes": digits.num_classes},
+            "preprocessing": {"mean": digits.mean.tolist(), "std": digits.std.tolist()}}
+    save_artifact(path, res.model, res.layers, meta)
+    return res
