@@ -101,6 +101,31 @@ def _user_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> 
     return model
 
 
+def mlp_layers(model: nn.Module) -> tuple[list[nn.Module], list[tuple[str, nn.Linear, bool]]]:
+    """Read `model` as an MLP: preprocessing leaves (Normalize, Flatten, Identity), then Linear
+    layers each followed by at most one ReLU. Returns (preprocessing modules, [(name, Linear,
+    ReLU follows)]); raises ValueError naming the first module that does not fit."""
+    for name, m in model.named_modules():
+        if list(m.children()) and not isinstance(m, nn.Sequential):
+            raise ValueError(f"{name or 'model'} is {type(m).__name__}")
+    pre: list[nn.Module] = []
+    layers: list[tuple[str, nn.Linear, bool]] = []
+    for name, m in model.named_modules():
+        if list(m.children()):
+            continue
+        if not layers and isinstance(m, (Normalize, nn.Flatten, nn.Identity)):
+            pre.append(m)
+        elif isinstance(m, nn.Linear):
+            layers.append((name, m, False))
+        elif isinstance(m, nn.ReLU) and layers and not layers[-1][2]:
+            layers[-1] = (layers[-1][0], layers[-1][1], True)
+        else:
+            raise ValueError(f"layer {name} is {type(m).__name__}")
+    if not layers:
+        raise ValueError("it has no Linear layer")
+    return pre, layers
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise a UserError naming the first layer type qexport cannot quantize and export."""
     for name, m in model.named_modules():

@@ -62,6 +62,20 @@ def model_from_meta(meta: dict[str, Any]) -> nn.Module:
     return build_model(arch["model"], shape, arch["num_classes"], torch.tensor(pre["mean"]), torch.tensor(pre["std"]))
 
 
+def reference_model(meta: dict[str, Any], floats: dict[str, torch.Tensor], layers: dict[str, LayerCodes],
+                    where: str) -> nn.Module:
+    """The fake-quant reference (W = α·Q exactly) from metadata, float tensors and codes; a
+    UserError naming `where` when the tensors do not fit the architecture."""
+    model = model_from_meta(meta)
+    state = {**floats, **{f"{name}.weight": lc.weight() for name, lc in layers.items()}}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{where}: tensors do not match architecture {meta['architecture'].get('model')!r} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the file is corrupted")
+    apply_codes(model, layers)
+    return model.eval()
+
+
 def save_artifact(path: str | Path, model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str, Any]) -> str:
     """Write the artifact atomically; returns its content hash. `meta` must hold `architecture`
     and `preprocessing`; the per-layer code sets are added here."""
@@ -123,15 +137,7 @@ def load_artifact(path: str | Path) -> Artifact:
     if digest != header.get("content_sha256"):
         raise UserError(f"{path}: content hash mismatch; the file is corrupted or was edited (re-export it)")
     meta = json.loads(meta_json)
-    model = model_from_meta(meta)
-    state = {k[len("float/"):]: v for k, v in tensors.items() if k.startswith("float/")}
-    layers = {}
-    for name, info in meta["layers"].items():
-        layers[name] = LayerCodes(tensors[f"codes/{name}"], tensors[f"scale/{name}"], CodeSet(info["bits"], info["scheme"]))
-        state[f"{name}.weight"] = layers[name].weight()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    apply_codes(model, layers)
-    model.eval()
-    return Artifact(model, layers, meta, digest)
+    floats = {k[len("float/"):]: v for k, v in tensors.items() if k.startswith("float/")}
+    layers = {name: LayerCodes(tensors[f"codes/{name}"], tensors[f"scale/{name}"], CodeSet(info["bits"], info["scheme"]))
+              for name, info in meta["layers"].items()}
+    return Artifact(reference_model(meta, floats, layers, str(path)), layers, meta, digest)

@@ -15,6 +15,7 @@ import numpy as np
 from torch import nn
 
 from qadmm.errors import UserError
+from qadmm.zoo import mlp_layers as zoo_mlp_layers
 from qexport.bitpack import SIGN
 from qexport.fileio import atomic_path
 from qexport.packfile import Packed
@@ -24,24 +25,13 @@ GENERATED = ("qmodel_config.h", "qmodel_weights.h")
 
 
 def mlp_layers(model: nn.Module) -> list[tuple[str, nn.Linear, bool]]:
-    """(name, Linear, ReLU after it) for a model of Flatten/Linear/ReLU; a UserError otherwise."""
-    body = getattr(model, "body", None)
-    if not isinstance(body, nn.Sequential) or not hasattr(model, "normalize"):
+    """(name, Linear, ReLU after it) of a zoo-style MLP; a UserError otherwise."""
+    if not isinstance(getattr(model, "body", None), nn.Sequential) or not hasattr(model, "normalize"):
         raise UserError("to-c supports zoo-style models (Normalize, then a Sequential body): export this one with `qexport to-onnx`")
-    out: list[tuple[str, nn.Linear, bool]] = []
-    for i, m in enumerate(body):
-        name = f"body.{i}"
-        if isinstance(m, nn.Linear):
-            out.append((name, m, False))
-        elif isinstance(m, nn.ReLU) and out and not out[-1][2]:
-            out[-1] = (out[-1][0], out[-1][1], True)
-        elif isinstance(m, (nn.Flatten, nn.Identity)) and not out:
-            continue
-        else:
-            raise UserError(f"to-c exports MLPs only (Flatten, Linear, ReLU); layer {name} is {type(m).__name__}: "
-                            "use `qexport to-onnx` for this model")
-    if not out:
-        raise UserError("to-c found no Linear layer in the model: it exports MLPs only")
+    try:
+        _, out = zoo_mlp_layers(model)
+    except ValueError as e:
+        raise UserError(f"to-c exports MLPs only (Flatten, Linear, ReLU); {e}: use `qexport to-onnx` for this model") from None
     if out[-1][2]:
         raise UserError("to-c expects the last Linear to give the logits (no ReLU after it)")
     return out

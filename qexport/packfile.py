@@ -24,9 +24,9 @@ from torch import nn
 
 from qadmm.codes import CodeSet
 from qadmm.errors import UserError
-from qadmm.spec import LayerCodes, apply_codes
+from qadmm.spec import LayerCodes
 from qexport import bitpack
-from qexport.artifact import Artifact, model_from_meta, read_header, save_artifact
+from qexport.artifact import Artifact, read_header, reference_model, save_artifact
 from qexport.fileio import atomic_path
 
 FORMAT = "qexport-packed"
@@ -126,18 +126,9 @@ class Packed:
 
     def model(self) -> tuple[nn.Module, dict[str, LayerCodes]]:
         """The fake-quant reference model (W = α·Q exactly) and its codes."""
-        meta = self.full_meta()
-        model = model_from_meta(meta)
         layers = self.layer_codes()
-        state = {k: torch.from_numpy(np.array(v)) for k, v in self.floats.items()}
-        for name, lc in layers.items():
-            state[f"{name}.weight"] = lc.weight()
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise UserError(f"packed tensors do not match architecture {self.architecture.get('model')!r} "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): the file is corrupted")
-        apply_codes(model, layers)
-        return model.eval(), layers
+        floats = {k: torch.from_numpy(np.array(v)) for k, v in self.floats.items()}
+        return reference_model(self.full_meta(), floats, layers, "packed file"), layers
 
     def sizes(self) -> dict[str, int]:
         """Bytes of packed payloads, scales, float tensors, their sum, and float32 weights."""

@@ -30,9 +30,7 @@ from qadmm.errors import UserError
 from qadmm.layers import quantizable_layers
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec, apply_codes
 from qadmm.train import seed_everything
-from qadmm.zoo import Normalize
-
-PREPROCESSING = (Normalize, nn.Flatten, nn.Identity)
+from qadmm.zoo import mlp_layers
 
 
 @dataclass
@@ -64,26 +62,14 @@ class Params:
 def _mlp_linears(model: nn.Module) -> tuple[list[nn.Module], list[tuple[str, nn.Linear]]]:
     """(preprocessing modules, named Linear layers) of a Linear/ReLU MLP, or a UserError."""
     supported = "Normalize/Flatten preprocessing then Linear, ReLU, Linear, ..., Linear"
-    for name, m in model.named_modules():
-        if list(m.children()) and not isinstance(m, nn.Sequential):
-            raise UserError(f"qnn-admm trains MLPs only ({supported}); {name or 'model'} is a "
-                            f"{type(m).__name__}: use --method lq, admm-q or ste for other models")
-    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
-    pre, body = [], []
-    for name, m in leaves:
-        if not body and isinstance(m, PREPROCESSING):
-            pre.append(m)
-        elif isinstance(m, (nn.Linear, nn.ReLU)):
-            body.append((name, m))
-        else:
-            raise UserError(f"qnn-admm trains MLPs only ({supported}); layer {name} is a {type(m).__name__}: "
-                            "use --method lq, admm-q or ste for other models")
-    kinds = [type(m) for _, m in body]
-    expected = [nn.Linear if i % 2 == 0 else nn.ReLU for i in range(len(body))]
-    if not body or kinds != expected or kinds[-1] is not nn.Linear:
-        raise UserError(f"qnn-admm trains MLPs only ({supported}); this model's layers are "
-                        f"{', '.join(k.__name__ for k in kinds) or 'none'}")
-    return pre, [(n, m) for n, m in body if isinstance(m, nn.Linear)]
+    try:
+        pre, layers = mlp_layers(model)
+    except ValueError as e:
+        raise UserError(f"qnn-admm trains MLPs only ({supported}); {e}: use --method lq, admm-q or ste for other models") from None
+    if [relu for _, _, relu in layers] != [True] * (len(layers) - 1) + [False]:
+        kinds = ", ".join("Linear, ReLU" if relu else "Linear" for _, _, relu in layers)
+        raise UserError(f"qnn-admm trains MLPs only ({supported}); this model's layers are {kinds}")
+    return pre, [(n, m) for n, m, _ in layers]
 
 
 def memory_floats(n: int, widths: list[int]) -> int:
