@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qadmm.errors import UserError
 
@@ -38,6 +39,12 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def calibration(self, n: int, seed: int = 0) -> torch.Tensor:
+        """`n` training inputs drawn without replacement by `seed` (all of them if fewer): the unlabeled
+        calibration set of the calibration-only back-ends and of BatchNorm re-estimation."""
+        idx = np.sort(np.random.default_rng(seed + 7).permutation(len(self.x_train))[:n])
+        return torch.as_tensor(self.x_train[idx])
 
     def describe(self) -> dict:
         return {

@@ -18,7 +18,7 @@ from qadmm.codes import fit
 from qadmm.data import Dataset
 from qadmm.layers import quantizable_layers
 from qadmm.spec import LayerCodes, QuantSpec, apply_codes
-from qadmm.train import evaluate, seed_everything, train_epoch
+from qadmm.train import device_of, evaluate, seed_everything, train_epoch
 
 
 @dataclass
@@ -73,7 +73,7 @@ def finetune(
     the projected (α·Q) model is scored on validation and the best one is returned with its codes."""
     gen = seed_everything(spec.seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    x, y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
+    x, y = (torch.as_tensor(a).to(device_of(model)) for a in (data.x_train, data.y_train))
     forward = forward or model
     best_model, best_layers = proj.quantized_copy()
     best = evaluate(best_model, data.x_val, data.y_val)

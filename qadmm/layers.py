@@ -1,6 +1,8 @@
 """Which layers get integer codes, and writing W = α·Q into them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
@@ -15,3 +17,30 @@ def quantizable_layers(model: nn.Module, keep_first: bool = False, keep_last: bo
     if keep_last and layers:
         layers = layers[:-1]
     return layers
+
+
+@dataclass
+class Stage:
+    """The parameter sets of one layer's step: which modules run in train mode, what may move."""
+
+    weight: nn.Parameter  # W_l
+    bias: nn.Parameter | None  # b_l: float, trained with W_l and in the retraining after it
+    after: list[nn.Parameter]  # the float parameters of the modules after layer l
+    frozen_modules: list[nn.Module]  # leaf modules before layer l (eval mode: BatchNorm statistics fixed)
+
+    @property
+    def later(self) -> list[nn.Parameter]:
+        """What the retraining of eq. 5.17 may change."""
+        return ([self.bias] if self.bias is not None else []) + self.after
+
+
+def stage(model: nn.Module, layer_name: str) -> Stage:
+    """Split `model` at `layer_name` in registration (= forward, for the zoo) order."""
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    order = [n for n, _ in leaves]
+    if layer_name not in order:
+        raise KeyError(layer_name)
+    k = order.index(layer_name)
+    layer = leaves[k][1]
+    after = [p for _, m in leaves[k + 1:] for p in m.parameters(recurse=False)]
+    return Stage(layer.weight, getattr(layer, "bias", None), after, [m for _, m in leaves[:k]])

@@ -26,6 +26,10 @@ class QuantSpec:
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)  # method hyperparameters overriding its defaults
     progress: bool = True
+    calib_samples: int = 2048  # training images for calibration (GPTQ/LDNQ Hessians, BN re-estimation)
+    bn_reestimate: bool | None = None  # re-estimate BatchNorm statistics afterwards; None: the method's default
+    bias_correction: bool = False  # Nagel et al. 2019 bias correction of layers without BatchNorm after them
+    device: str = "cpu"  # where training-based back-ends run ("cuda" when present); results come back on the CPU
 
     @property
     def codes(self) -> CodeSet:
@@ -78,6 +82,7 @@ class QuantResult:
     method: str
     params: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    recalibration: dict[str, Any] = field(default_factory=dict)  # BN re-estimation / bias correction done after
 
 
 def apply_codes(model: nn.Module, layers: dict[str, LayerCodes]) -> nn.Module:

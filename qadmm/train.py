@@ -18,12 +18,17 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Logits for x in evaluation mode, batched (float32)."""
     model.eval()
-    xt = torch.as_tensor(x, dtype=torch.float32)
-    return torch.cat([model(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]) if len(xt) else torch.empty(0)
+    xt, dev = torch.as_tensor(x, dtype=torch.float32), device_of(model)
+    return torch.cat([model(xt[i : i + batch_size].to(dev)).cpu() for i in range(0, len(xt), batch_size)]) if len(xt) else torch.empty(0)
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
@@ -96,8 +101,8 @@ def train_epochs(
     params = list(model.parameters()) if params is None else params
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-    x = torch.as_tensor(data.x_train)
-    y = torch.as_tensor(data.y_train)
+    x = torch.as_tensor(data.x_train).to(device_of(model))
+    y = torch.as_tensor(data.y_train).to(device_of(model))
     # Model selection on (validation accuracy, then validation loss): small validation sets saturate
     # at 100% early, and the loss still tells which of those weights generalise better.
     best_val, best_loss = evaluate(model, data.x_val, data.y_val)

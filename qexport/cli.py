@@ -17,6 +17,10 @@ Examples:
   qexport quantize --data seeds --data-dir ../shared/data --bits 2 --scheme thesis
   qexport quantize --checkpoint models/digits-mlp.safetensors --bits 1 -o digits-1b.qx.safetensors
   qexport quantize --data mnist-10k --method ptq --bits 8 --per-channel
+  qexport quantize --checkpoint models/fashion-cnn-small.safetensors --data fashion-mnist \
+      --method gptq --bits 4 --per-channel          # calibration only: 2,048 images, seconds
+  qexport quantize --checkpoint models/fashion-resnet20.safetensors --data fashion-mnist \
+      --method ldnq --bits 2 --per-channel --calib-samples 4096
 """
 
 
@@ -145,7 +149,8 @@ def layer_table(history: list) -> str:
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Float weights: a qexport checkpoint, or a state_dict for --model package.module:factory. "
                    "Without it the float model is trained first.")
-@click.option("--method", default="lq", show_default=True, help="Back-end: ptq, ste, admm-q, proxquant, lq, qnn-admm (see --list-methods).")
+@click.option("--method", default="lq", show_default=True,
+              help="Back-end: lq, gptq, ldnq, ptq, ste, admm-q, proxquant, qnn-admm (see --list-methods).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight code (1-8).")
 @click.option("--scheme", type=click.Choice(["binary", "symmetric", "thesis"]), default=None,
               help="Code set: binary {-1,+1} (1 bit), symmetric ±(2^(N-1)-1) (default for N>=2), thesis ±(2^N-1).")
@@ -153,13 +158,22 @@ def layer_table(history: list) -> str:
 @click.option("--keep-first", is_flag=True, help="Leave the first Linear/Conv2d layer float.")
 @click.option("--keep-last", is_flag=True, help="Leave the last Linear/Conv2d layer float.")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Method hyperparameter override (repeatable).")
+@click.option("--calib-samples", type=click.IntRange(1), default=2048, show_default=True,
+              help="Training images for calibration: GPTQ/LDNQ layer inputs and BatchNorm re-estimation.")
+@click.option("--bn-reestimate/--no-bn-reestimate", default=None,
+              help="Recompute BatchNorm statistics with the quantized weights afterwards "
+                   "(default: on for ptq, gptq, ldnq; off for the methods that train BatchNorm).")
+@click.option("--bias-correction", is_flag=True,
+              help="Nagel et al. 2019 bias correction of quantized layers with no BatchNorm after them.")
+@click.option("--device", default="cpu", show_default=True, help="Where training-based back-ends run: cpu, cuda, cuda:1 ...")
 @train_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for splits, training and the method.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Artifact path (default printed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--list-methods", is_flag=True, help="List the back-ends and their hyperparameters, then exit.")
 def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, bits, scheme, per_channel, keep_first,
-             keep_last, params, epochs, lr, batch_size, patience, seed, output, quiet, list_methods):
+             keep_last, params, calib_samples, bn_reestimate, bias_correction, device, epochs, lr, batch_size, patience,
+             seed, output, quiet, list_methods):
     """Quantize a float model's weights to integer codes and scales; write the artifact."""
     import dataclasses
 
@@ -177,9 +191,10 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
             click.echo(f"{name:10s} {summary}\n{'':10s} {fields}")
         return
     spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
-                     seed=seed, params=parse_params(params), progress=not quiet)
+                     seed=seed, params=parse_params(params), progress=not quiet, calib_samples=calib_samples,
+                     bn_reestimate=bn_reestimate, bias_correction=bias_correction, device=device)
+    methods.check(method, spec)  # refuse bad input before any training
     codes = spec.codes
-    spec.resolve(methods.get_method(method).Params)  # refuse bad input before any training
     if output:
         check_output_path(output)
     data = load_data(data_name, data_dir, seed, label_column)
@@ -198,7 +213,9 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
         "float_training": train_info,
         "method": {"name": method, "params": result.params, "seconds": round(seconds, 2)},
         "spec": {"bits": bits, "scheme": codes.scheme, "per_channel": per_channel, "keep_first": keep_first,
-                 "keep_last": keep_last, "seed": seed},
+                 "keep_last": keep_last, "seed": seed, "calib_samples": calib_samples, "bn_reestimate": bn_reestimate,
+                 "bias_correction": bias_correction, "device": device},
+        "recalibration": result.recalibration,
         "history": result.history,
         "accuracy": {"float_test": float_acc, "quantized_test": q_acc,
                      "quantized_val": accuracy(result.model, data.x_val, data.y_val)},
@@ -213,6 +230,12 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     table = layer_table(result.history)
     if table:
         click.echo(table)
+    rc = result.recalibration
+    if rc:
+        done = [f"BatchNorm re-estimated ({rc['bn_layers']} layers)" if rc.get("bn_reestimate") else "",
+                f"bias corrected ({', '.join(rc['bias_corrected']) or 'no layer qualified'})" if rc.get("bias_correction") else ""]
+        click.echo(f"  {' and '.join(d for d in done if d)} on {rc['calib_samples']} training images: "
+                   f"val {rc['val_acc_before']:.2f}% -> {rc['val_acc_after']:.2f}%")
     click.echo(f"wrote {out}  (sha256 {digest[:12]})")
 
 

@@ -35,3 +35,16 @@ def digits_mlp(digits):
     model = build_model("mlp-digits", digits.input_shape, digits.num_classes, digits.mean, digits.std)
     train_epochs(model, digits, TrainConfig(epochs=25, lr=3e-3, batch_size=32, patience=25), progress=False)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(digits):
+    """cnn-small (convolutions + BatchNorm) trained on digits for a few seconds (about 93% test accuracy)."""
+    from qadmm.train import TrainConfig, seed_everything, train_epochs
+    from qadmm.zoo import build_model
+
+    torch.set_num_threads(1)
+    seed_everything(0)
+    model = build_model("cnn-small", digits.input_shape, digits.num_classes, digits.mean, digits.std)
+    train_epochs(model, digits, TrainConfig(epochs=30, lr=3e-3, batch_size=32, patience=30), progress=False)
+    return model.eval()

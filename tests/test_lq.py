@@ -16,10 +16,16 @@ from qadmm.zoo import build_model
 FAST = lq.Params(iters=8, inner_epochs=0.5, retrain_epochs=1, min_steps=10)
 
 
+def admm(model, digits, name, codes, per_channel, p):
+    """lq.admm_layer from the thesis's G⁰ (PTQ's fit), on uncached inputs."""
+    g0 = lq.start_codes(model, name, codes, per_channel, None)
+    return lq.admm_layer(model, lq.Inputs(model, digits, cache=False), name, g0, per_channel, p, seed_everything(0))
+
+
 def test_admm_primal_residual_shrinks(digits, digits_mlp):
     model = copy.deepcopy(digits_mlp)
     p = lq.Params(iters=10, inner_epochs=0.25, tol=0.0, rho=1.0, rho_growth=2.0, lr=3e-3, min_steps=10)
-    lc, log = lq.admm_layer(model, digits, "body.1", CodeSet(1, "binary"), False, p, seed_everything(0))
+    lc, log = admm(model, digits, "body.1", CodeSet(1, "binary"), False, p)
     r = log["residuals"]
     assert len(r) == 10 and log["rounds"] == 10
     # growing ρ pulls W onto the code set: the relative residual ‖W − G‖/‖W‖ falls by far
@@ -30,7 +36,7 @@ def test_admm_primal_residual_shrinks(digits, digits_mlp):
 def test_admm_stops_at_tolerance(digits, digits_mlp):
     model = copy.deepcopy(digits_mlp)
     p = lq.Params(iters=50, inner_epochs=0.25, tol=0.05, rho_growth=2.0, min_steps=10)
-    _, log = lq.admm_layer(model, digits, "body.1", CodeSet(4, "thesis"), False, p, seed_everything(0))
+    _, log = admm(model, digits, "body.1", CodeSet(4, "thesis"), False, p)
     assert log["rounds"] < 50 and log["residual"] < 0.05
 
 
@@ -38,7 +44,7 @@ def test_admm_stops_at_tolerance(digits, digits_mlp):
 def test_g_step_codes_in_the_set_and_weight_is_alpha_q(digits, digits_mlp, bits, scheme, per_channel):
     model = copy.deepcopy(digits_mlp)
     codes = CodeSet(bits, scheme)
-    lc, _ = lq.admm_layer(model, digits, "body.3", codes, per_channel, FAST, seed_everything(0))
+    lc, _ = admm(model, digits, "body.3", codes, per_channel, FAST)
     assert codes.contains(lc.q) and lc.q.dtype == codes.storage_dtype
     assert lc.alpha.shape == ((64,) if per_channel else ()) and (lc.alpha > 0).all()
     assert torch.equal(dict(model.named_modules())["body.3"].weight, lc.weight())
@@ -57,7 +63,8 @@ def test_retraining_touches_only_later_layers_and_batchnorm_after(digits):
     model = build_model("cnn-small", digits.input_shape, digits.num_classes, digits.mean, digits.std)
     convs = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Conv2d)]
     before = copy.deepcopy(model.state_dict())
-    lq.retrain_later(model, digits, convs[1], epochs=1, lr=1e-2, batch_size=64, gen=seed_everything(0))
+    lq.retrain_later(model, lq.Inputs(model, digits, cache=False), convs[1], epochs=1, lr=1e-2, batch_size=64,
+                     gen=seed_everything(0))
     after = model.state_dict()
     st = lq.stage(model, convs[1])
     later = {id(t) for t in st.later}
@@ -99,3 +106,24 @@ def test_lq_beats_ptq_at_two_bits_on_digits(digits, digits_mlp):
     a_ptq, a_lq = accuracy(ptq.model, digits.x_test, digits.y_test), accuracy(res.model, digits.x_test, digits.y_test)
     # PTQ loses about 4 points here; LQ must win back most of them
     assert a_lq >= a_ptq + 2 and a_lq >= a_float - 1.5, (a_float, a_ptq, a_lq)
+
+
+def test_input_cache_feeds_the_later_units_what_the_whole_model_computes(digits, digits_cnn):
+    model = build_model("resnet20", digits.input_shape, digits.num_classes, digits.mean, digits.std).eval()
+    inputs = lq.Inputs(model, digits, cache=True)
+    full = model(torch.as_tensor(digits.x_train[:64]))
+    for name in ("body.0", "body.4.conv2", "body.7.shortcut.0", "body.11"):
+        inputs.advance_to(name)
+        with torch.no_grad():
+            assert torch.allclose(inputs.runner.eval()(inputs.x[:64]), full, atol=1e-4), name
+        assert any(name == n or name.startswith(n + ".") for n, _ in inputs.units[inputs.k:inputs.k + 1])
+    assert inputs.x.shape[1:] == (64, 2, 2)  # the last block's output feeds pooling and the head
+
+
+def test_budget_fits_the_schedule_and_records_it(digits, digits_cnn):
+    res = methods.quantize("lq", digits_cnn, digits, QuantSpec(bits=4, per_channel=True, progress=False, params={
+        "budget_epochs": 3, "iters": 2, "min_steps": 1, "warm_start": "gptq"}))
+    assert res.params["inner_epochs"] == pytest.approx(3 / 3 * 0.75 / 2)
+    assert res.params["retrain_epochs"] == pytest.approx(3 / 3 * 0.25)
+    assert [r["rounds"] for r in res.history] == [2, 2, 2]
+    assert accuracy(res.model, digits.x_test, digits.y_test) > 85

@@ -6,7 +6,9 @@ defaults) and one function with one signature:
     quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult
 
 `model` is the trained float model (the back-end may modify a copy, never the caller's object);
-`spec.resolve(Params)` gives the hyperparameters with the user's overrides.
+`spec.resolve(Params)` gives the hyperparameters with the user's overrides. A module may set
+`RECALIBRATE = True` when its result leaves BatchNorm statistics stale (it never trains them): then
+BatchNorm re-estimation runs after it by default (`qadmm.recalibrate`; `spec.bn_reestimate` overrides).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from qadmm.data import Dataset
 from qadmm.errors import UserError
+from qadmm.recalibrate import batchnorms, recalibrate
 from qadmm.spec import QuantResult, QuantSpec
 
 METHODS: dict[str, str] = {
@@ -26,6 +29,8 @@ METHODS: dict[str, str] = {
     "proxquant": "qadmm.methods.proxquant",
     "qnn-admm": "qadmm.methods.qnn_admm",
     "lq": "qadmm.methods.lq",
+    "gptq": "qadmm.methods.gptq",
+    "ldnq": "qadmm.methods.ldnq",
 }
 
 
@@ -35,7 +40,35 @@ def get_method(name: str) -> ModuleType:
     return importlib.import_module(METHODS[name])
 
 
+def check(name: str, spec: QuantSpec) -> None:
+    """Refuse a bad request before any work: unknown method, code set, hyperparameters, device."""
+    spec.codes
+    spec.resolve(get_method(name).Params)
+    if spec.calib_samples < 1:
+        raise UserError(f"--calib-samples must be at least 1, got {spec.calib_samples}")
+    if spec.device != "cpu":
+        import torch
+
+        try:
+            torch.empty(0, device=spec.device)
+        except (RuntimeError, AssertionError) as e:
+            raise UserError(f"device {spec.device!r} is not available here ({str(e).splitlines()[0]}): use --device cpu") from None
+
+
 def quantize(name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
-    """Run back-end `name` on a trained float model."""
-    spec.codes  # validate bits/scheme before any work
-    return get_method(name).quantize(model, data, spec)
+    """Run back-end `name` on a trained float model, then the recalibration it asks for (see above)."""
+    check(name, spec)
+    mod = get_method(name)
+    result = mod.quantize(model, data, spec)
+    result.model.cpu()  # a back-end may have run on spec.device; results live on the CPU
+    for lc in result.layers.values():
+        lc.q, lc.alpha = lc.q.cpu(), lc.alpha.cpu()
+    bn = getattr(mod, "RECALIBRATE", False) if spec.bn_reestimate is None else spec.bn_reestimate
+    bn = bn and bool(batchnorms(result.model))
+    if bn or spec.bias_correction:
+        modules = dict(model.named_modules())
+        float_weights = {n: modules[n].weight.detach() for n in result.layers}
+        result.recalibration = recalibrate(result.model, float_weights, data.calibration(spec.calib_samples, spec.seed),
+                                           bn=bn, bias=spec.bias_correction, val=(data.x_val, data.y_val))
+    result.model.eval()
+    return result

@@ -27,12 +27,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qadmm.codes import CodeSet, fit
+from qadmm.codes import ZERO_SCALE, CodeSet, fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.layers import quantizable_layers
+from qadmm.layer_inputs import input_hessian, supports_matrix, weight_matrix
+from qadmm.layers import Stage, quantizable_layers, stage
+from qadmm.methods.gptq import GPTQ
+from qadmm.methods.gptq import Params as GPTQParams
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec
-from qadmm.train import batches, evaluate, seed_everything
+from qadmm.train import batches, device_of, evaluate, seed_everything
 
 
 @dataclass
@@ -45,38 +48,17 @@ class Params:
     tol: float = 1e-3  # stop once ‖W − G‖/‖W‖ falls below this
     lr: float = 3e-3  # Adam learning rate of the W-step
     joint: bool = True  # the W-step also trains the later float layers (eq. 5.8 + 5.17 together)
-    retrain_epochs: int = 5  # epochs of retraining of the later layers after fixing a layer (eq. 5.17)
+    retrain_epochs: float = 5.0  # epochs of retraining of the later layers after fixing a layer (eq. 5.17)
     retrain_lr: float = 1e-3
     batch_size: int = 32
     min_steps: int = 100  # floor on minibatches per W-step and per retraining epoch (tiny datasets)
     select: str = "acc"  # model selection on validation: "acc" (accuracy, ties by loss) or "loss"
-
-
-@dataclass
-class Stage:
-    """The parameter sets of one layer's step: which modules run in train mode, what may move."""
-
-    weight: nn.Parameter  # W_l
-    bias: nn.Parameter | None  # b_l: float, trained with W_l and in the retraining after it
-    after: list[nn.Parameter]  # the float parameters of the modules after layer l
-    frozen_modules: list[nn.Module]  # leaf modules before layer l (eval mode: BatchNorm statistics fixed)
-
-    @property
-    def later(self) -> list[nn.Parameter]:
-        """What the retraining of eq. 5.17 may change."""
-        return ([self.bias] if self.bias is not None else []) + self.after
-
-
-def stage(model: nn.Module, layer_name: str) -> Stage:
-    """Split `model` at `layer_name` in registration (= forward, for the zoo) order."""
-    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
-    order = [n for n, _ in leaves]
-    if layer_name not in order:
-        raise KeyError(layer_name)
-    k = order.index(layer_name)
-    layer = leaves[k][1]
-    after = [p for _, m in leaves[k + 1:] for p in m.parameters(recurse=False)]
-    return Stage(layer.weight, getattr(layer, "bias", None), after, [m for _, m in leaves[:k]])
+    # Scaling to CNNs (docs/lq.md, "LQ on CNNs"): none of these changes what one round computes.
+    budget_epochs: float = 0.0  # > 0: fit the schedule to this many passes over the training set in all
+    budget_admm_share: float = 0.75  # ... of which this share goes to the W-steps, the rest to retraining
+    warm_start: str = "nearest"  # G⁰: "nearest" (the thesis: PTQ's fit) or "gptq" (output-aware rounding)
+    cache_inputs: bool = True  # run the fixed prefix once per layer, not every minibatch (nn.Sequential models)
+    val_samples: int = 0  # > 0: select rounds/epochs on this many validation samples (large validation splits)
 
 
 def set_modes(model: nn.Module, st: Stage) -> None:
@@ -86,14 +68,75 @@ def set_modes(model: nn.Module, st: Stage) -> None:
         m.eval()
 
 
+def sequential_units(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """`model` as a flat chain of (name, module) units when it is built of nested nn.Sequential (the
+    zoo: Normalize, then body layers and residual blocks), so that model(x) = units[k:](units[:k](x));
+    None for a model with its own forward."""
+    if type(model) is not nn.Sequential:
+        return None
+    units: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, m: nn.Module) -> None:
+        for n, c in m.named_children():
+            if type(c) is nn.Sequential:
+                walk(f"{prefix}{n}.", c)
+            else:
+                units.append((f"{prefix}{n}", c))
+
+    walk("", model)
+    return units
+
+
+class Inputs:
+    """What LQ trains and scores on for the current layer: the model, or (with the cache) only the
+    units from the one holding that layer on, fed with the outputs of the fixed units before it.
+
+    The cache advances with the layer walk: moving to a later unit runs just the units in between on
+    the cached tensors, so the whole walk costs one forward pass of the data through the network. A
+    unit is cached only once it lies wholly before the current layer: its weights are fixed and it runs
+    in eval mode (BatchNorm statistics frozen), so its outputs no longer change."""
+
+    def __init__(self, model: nn.Module, data: Dataset, cache: bool, val_samples: int = 0):
+        dev = device_of(model)
+        self.model = model
+        self.units = sequential_units(model) if cache else None
+        self.k = 0
+        nv = val_samples if 0 < val_samples < len(data.y_val) else len(data.y_val)
+        self.x, self.y = (torch.as_tensor(a).to(dev) for a in (data.x_train, data.y_train))
+        self.x_val, self.y_val = (torch.as_tensor(a[:nv]).to(dev) for a in (data.x_val, data.y_val))
+
+    @property
+    def runner(self) -> nn.Module:
+        return self.model if self.units is None else nn.Sequential(*(m for _, m in self.units[self.k:]))
+
+    @torch.no_grad()
+    def advance_to(self, layer_name: str) -> None:
+        """Move the cache to the unit that holds `layer_name` (never backwards)."""
+        if self.units is None:
+            return
+        k = next(i for i, (n, _) in enumerate(self.units) if layer_name == n or layer_name.startswith(n + "."))
+        if k <= self.k:
+            return
+        between = nn.Sequential(*(m for _, m in self.units[self.k:k])).eval()
+        self.x = torch.cat([between(xb) for xb in self.x.split(512)])
+        self.x_val = torch.cat([between(xb) for xb in self.x_val.split(512)])
+        self.k = k
+
+    def score(self, select: str = "acc") -> tuple[float, float]:
+        """Validation key, higher is better: (accuracy %, −cross-entropy), or (−cross-entropy, accuracy)
+        with select="loss" (smoother on small validation splits)."""
+        acc, loss = evaluate(self.runner, self.x_val, self.y_val.cpu().numpy())
+        return (acc, -loss) if select == "acc" else (-loss, acc)
+
+
 class Trainer:
     """Minibatch Adam over a fixed parameter list, with an optional extra loss; steps counted exactly."""
 
-    def __init__(self, model: nn.Module, data: Dataset, st: Stage, params: list[nn.Parameter], lr: float,
+    def __init__(self, model: nn.Module, inputs: Inputs, st: Stage, params: list[nn.Parameter], lr: float,
                  batch_size: int, gen: torch.Generator, min_steps: int = 1):
         self.model, self.st, self.params = model, st, params
         self.opt = torch.optim.Adam(params, lr=lr)
-        self.x, self.y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
+        self.runner, self.x, self.y = inputs.runner, inputs.x, inputs.y
         self.batch_size, self.gen, self.min_steps = batch_size, gen, min_steps
         self.ce = nn.CrossEntropyLoss()
 
@@ -108,7 +151,7 @@ class Trainer:
         while done < steps:
             for idx in batches(len(self.x), self.batch_size, self.gen):
                 self.opt.zero_grad(set_to_none=True)
-                loss = self.ce(self.model(self.x[idx]), self.y[idx])
+                loss = self.ce(self.runner(self.x[idx]), self.y[idx])
                 total += float(loss.detach())
                 if extra is not None:
                     loss = loss + extra()
@@ -120,27 +163,21 @@ class Trainer:
         return total / steps
 
 
-def score(model: nn.Module, data: Dataset, select: str = "acc") -> tuple[float, float]:
-    """Validation key, higher is better: (accuracy %, −cross-entropy), or (−cross-entropy, accuracy)
-    with select="loss" (smoother on small validation splits)."""
-    acc, loss = evaluate(model, data.x_val, data.y_val)
-    return (acc, -loss) if select == "acc" else (-loss, acc)
-
-
-def admm_layer(model: nn.Module, data: Dataset, name: str, codes: CodeSet, per_channel: bool, p: Params,
+def admm_layer(model: nn.Module, inputs: Inputs, name: str, g0: LayerCodes, per_channel: bool, p: Params,
                gen: torch.Generator, progress: bool = False, desc: str = "") -> tuple[LayerCodes, dict]:
-    """ADMM on one layer (eq. 5.2-5.16). Leaves the model with W_l = α·Q of the best round (by
-    validation) and the later layers as they were in that round; returns the codes and a log."""
+    """ADMM on one layer (eq. 5.2-5.16) from G⁰ = `g0`. Leaves the model with W_l = α·Q of the best
+    round (by validation) and the later layers as they were in that round; returns the codes and a log."""
+    codes = g0.codes
     st = stage(model, name)
     w = st.weight
     w0 = w.detach().clone()
     scale = max(float((w0**2).sum()), 1e-30)  # normalises the penalty: ρ is per relative residual²
-    f = fit(w0, codes, per_channel)  # G⁰: the full multi-start fit of the float weights (= PTQ)
-    g, alpha = f.dequantize(), f.alpha
+    f = g0
+    g, alpha = f.weight().to(w0.device), f.alpha.to(w0.device)
     lam = torch.zeros_like(w0)  # λ⁰ = 0
     rho = p.rho
     params = [w] + (st.later if p.joint else [st.bias] if st.bias is not None else [])
-    trainer = Trainer(model, data, st, params, p.lr, p.batch_size, gen, p.min_steps)
+    trainer = Trainer(model, inputs, st, params, p.lr, p.batch_size, gen, p.min_steps)
 
     def penalty() -> torch.Tensor:  # eq. 5.8: ρ/2‖W − G + λ/ρ‖², normalised by ‖W⁰‖²
         return rho / (2 * scale) * ((w - g + lam / rho) ** 2).sum()
@@ -149,7 +186,7 @@ def admm_layer(model: nn.Module, data: Dataset, name: str, codes: CodeSet, per_c
         keep = w.detach().clone()
         with torch.no_grad():
             w.copy_(q_w)
-        s = score(model, data, p.select)
+        s = inputs.score(p.select)
         with torch.no_grad():
             w.copy_(keep)
         return s
@@ -177,9 +214,9 @@ def admm_layer(model: nn.Module, data: Dataset, name: str, codes: CodeSet, per_c
         if residual < p.tol:
             break
     q, alpha, later = best
-    lc = LayerCodes(q, alpha, codes)
+    lc = LayerCodes(q.cpu(), alpha.cpu(), codes)
     with torch.no_grad():  # step 2: fix W̄_l = α·Q (and restore the later layers of that round)
-        w.copy_(lc.weight())
+        w.copy_(lc.weight().to(w.device))
         for t, v in zip(st.later, later):
             t.copy_(v)
     acc = best_key[0] if p.select == "acc" else best_key[1]
@@ -187,19 +224,21 @@ def admm_layer(model: nn.Module, data: Dataset, name: str, codes: CodeSet, per_c
                 "w_loss": loss, "val_acc_fixed": acc, "residuals": residuals}
 
 
-def retrain_later(model: nn.Module, data: Dataset, name: str, epochs: int, lr: float, batch_size: int,
+def retrain_later(model: nn.Module, inputs: Inputs, name: str, epochs: float, lr: float, batch_size: int,
                   gen: torch.Generator, progress: bool = False, desc: str = "", min_steps: int = 1,
                   select: str = "acc") -> tuple[float, float]:
     """Eq. 5.17: train only the float parameters after layer `name` (and its bias); keep the epoch
-    (0 included) that scores best on validation. Returns that (val acc, val loss)."""
+    (0 included; a fraction of an epoch counts as one) that scores best on validation. Returns that
+    (val acc, val loss)."""
     st = stage(model, name)
-    best_key = score(model, data, select)
+    best_key = inputs.score(select)
     best = [t.detach().clone() for t in st.later]
     if st.later and epochs > 0:
-        trainer = Trainer(model, data, st, st.later, lr, batch_size, gen, min_steps)
-        for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
-            trainer.run(1.0)
-            key = score(model, data, select)
+        trainer = Trainer(model, inputs, st, st.later, lr, batch_size, gen, min_steps)
+        chunks = [1.0] * int(epochs) + ([epochs - int(epochs)] if epochs % 1 else [])
+        for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+            trainer.run(chunk)
+            key = inputs.score(select)
             if key > best_key:
                 best_key, best = key, [t.detach().clone() for t in st.later]
     with torch.no_grad():
@@ -208,25 +247,50 @@ def retrain_later(model: nn.Module, data: Dataset, name: str, epochs: int, lr: f
     return (best_key[0], -best_key[1]) if select == "acc" else (best_key[1], -best_key[0])
 
 
+def start_codes(model: nn.Module, name: str, codes: CodeSet, per_channel: bool, calib: torch.Tensor | None) -> LayerCodes:
+    """G⁰ of layer `name`: the full multi-start fit of the float weights (= PTQ), or with calibration
+    inputs GPTQ's output-aware rounding on the current (partly quantized) model."""
+    m = dict(model.named_modules())[name]
+    if calib is None or not supports_matrix(m):
+        f = fit(m.weight.detach().cpu(), codes, per_channel)
+        return LayerCodes(f.q, f.alpha, codes)
+    w = weight_matrix(m).cpu()
+    q, alpha = GPTQ(w, input_hessian(model, m, calib).cpu()).quantize(codes, per_channel, GPTQParams())
+    alpha = alpha.float().clamp_min(ZERO_SCALE)
+    return LayerCodes(q.reshape(m.weight.shape).to(codes.storage_dtype), alpha if per_channel else alpha.reshape(()), codes)
+
+
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
     if p.iters < 0 or p.inner_epochs <= 0 or p.rho <= 0 or p.rho_growth < 1 or p.lr <= 0 or p.batch_size < 1:
         raise UserError("lq: need iters >= 0, inner_epochs > 0, rho > 0, rho_growth >= 1, lr > 0, batch_size >= 1")
     if p.select not in ("acc", "loss"):
         raise UserError(f"lq: select={p.select!r}: use select=acc or select=loss")
+    if p.warm_start not in ("nearest", "gptq"):
+        raise UserError(f"lq: warm_start={p.warm_start!r}: use nearest or gptq")
+    if p.budget_epochs < 0 or not 0 < p.budget_admm_share <= 1 or p.retrain_epochs < 0:
+        raise UserError("lq: need budget_epochs >= 0, 0 < budget_admm_share <= 1, retrain_epochs >= 0")
     codes = spec.codes
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).to(spec.device)
     gen = seed_everything(spec.seed)
     names = [n for n, _ in quantizable_layers(model, spec.keep_first, spec.keep_last)]
+    if p.budget_epochs > 0 and names:  # the same passes for every layer: W-steps share `budget_admm_share`
+        per_layer = p.budget_epochs / len(names)
+        p.inner_epochs = per_layer * p.budget_admm_share / max(p.iters, 1)
+        p.retrain_epochs = per_layer * (1 - p.budget_admm_share)
+    inputs = Inputs(model, data, p.cache_inputs, p.val_samples)
+    calib = data.calibration(spec.calib_samples, spec.seed).to(device_of(model)) if p.warm_start == "gptq" else None
     layers: dict[str, LayerCodes] = {}
     history = []
     bar = tqdm(names, desc=f"lq {codes.describe()}", disable=not spec.progress)
     for i, name in enumerate(bar):
         t0 = time.time()
         bar.set_postfix(layer=name)
-        lc, log = admm_layer(model, data, name, codes, spec.per_channel, p, gen, spec.progress, f"  admm {name}")
+        inputs.advance_to(name)
+        g0 = start_codes(model, name, codes, spec.per_channel, calib)
+        lc, log = admm_layer(model, inputs, name, g0, spec.per_channel, p, gen, spec.progress, f"  admm {name}")
         layers[name] = lc
-        acc, loss = retrain_later(model, data, name, p.retrain_epochs, p.retrain_lr, p.batch_size, gen,
+        acc, loss = retrain_later(model, inputs, name, p.retrain_epochs, p.retrain_lr, p.batch_size, gen,
                                   spec.progress, f"  retrain after {name}", p.min_steps, p.select)
         history.append({"layer": name, **log, "val_acc": acc, "val_loss": loss, "seconds": round(time.time() - t0, 2)})
     for prm in model.parameters():

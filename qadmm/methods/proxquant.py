@@ -26,7 +26,7 @@ class Params:
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).to(spec.device)
     proj = Projector(model, spec)
     weights = {n: m.weight for n, m in model.named_modules() if n in proj.names}
     freeze_epoch = max(1, round(p.freeze_at * p.epochs))

@@ -1,5 +1,6 @@
 """PTQ: post-training quantization. Each weight tensor is projected onto the code set with the
-alternating α/Q fit (thesis Algorithm 4); biases, BatchNorm and kept layers stay float."""
+alternating α/Q fit (thesis Algorithm 4); biases, BatchNorm and kept layers stay float, and BatchNorm
+statistics are re-estimated afterwards on calibration images (on by default; --no-bn-reestimate)."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,9 @@ from qadmm.codes import fit
 from qadmm.data import Dataset
 from qadmm.layers import quantizable_layers
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec, apply_codes
+
+
+RECALIBRATE = True  # nothing here trains BatchNorm: re-estimate its statistics afterwards
 
 
 @dataclass

@@ -25,7 +25,7 @@ class Params:
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).to(spec.device)
     proj = Projector(model, spec)
 
     def forward(x: torch.Tensor) -> torch.Tensor:

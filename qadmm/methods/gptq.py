@@ -1,0 +1,143 @@
+"""GPTQ: output-aware rounding with error feedback (Frantar, Ashkboos, Hoefler, Alistarh, ICLR 2023). Calibration only, no labels.
+
+Layers in forward order; each sees its inputs X from the network whose earlier layers are already
+quantized (and, by default, whose BatchNorm statistics were re-estimated after each of them). Per
+layer the objective is the output error ‖(W − Ŵ)X‖² = tr((W − Ŵ) H (W − Ŵ)ᵀ), H = XᵀX/n (paper eq. 1).
+The scales α are fixed first (`codes.fit`, per channel or per tensor); then the input columns are
+rounded one at a time to α·(nearest code), and each column's rounding error is pushed onto the
+columns not yet rounded through the upper Cholesky factor U of H⁻¹ (eq. 2-3 and Algorithm 1):
+    e = (w_j − q_j) / U_jj,   w_{j+1:} −= e · U_{j, j+1:},
+updated lazily in blocks of `block_size` columns. Optionally (`act_order`) columns go in order of
+decreasing H_jj. With `refit_scale` each row's α is then refit in the H-norm for the chosen codes,
+α = ⟨q, H w⟩ / ⟨q, H q⟩ (the least-squares scale of the layer's output), which never increases the
+output error. The code sets are this package's (binary, ternary, symmetric, thesis).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qadmm.codes import ZERO_SCALE, CodeSet, fit
+from qadmm.data import Dataset
+from qadmm.errors import UserError
+from qadmm.layer_inputs import input_hessian, supports_matrix, weight_matrix
+from qadmm.layers import quantizable_layers
+from qadmm.recalibrate import reestimate_bn
+from qadmm.spec import LayerCodes, QuantResult, QuantSpec
+
+RECALIBRATE = True  # nothing here trains BatchNorm: re-estimate its statistics afterwards
+
+
+@dataclass
+class Params:
+    damp: float = 0.01  # H += damp·mean(diag H)·I before inverting (the paper's 1 %)
+    block_size: int = 128  # columns per lazy batch update
+    act_order: bool = False  # round columns by decreasing H_jj (helps LLMs; measured neutral on small CNNs)
+    refit_scale: bool = True  # refit α in the H-norm for the chosen codes
+    bn_each_layer: bool = True  # re-estimate BatchNorm after each layer, so later layers see deployed statistics
+
+
+def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ): the mean squared output error of a weight change ΔW (out, d) on inputs with H = XᵀX/n."""
+    dw = dw.double()
+    return float(((dw @ h) * dw).sum())
+
+
+def refit_alpha(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, per_channel: bool, alpha: torch.Tensor) -> torch.Tensor:
+    """α minimising ‖(W − α·Q)X‖² for fixed codes: per row ⟨q, Hw⟩/⟨q, Hq⟩ (summed over rows per tensor).
+    Rows whose optimum is not positive keep their previous α."""
+    hq = q @ h
+    num, den = (hq * w).sum(1), (hq * q).sum(1)
+    if not per_channel:
+        num, den = num.sum(0, keepdim=True), den.sum(0, keepdim=True)
+    new = torch.where(den > 0, num / den.clamp_min(1e-300), alpha.double().reshape(-1))
+    return torch.where(new > 0, new, alpha.double().reshape(-1))
+
+
+class GPTQ:
+    """One layer: weight matrix W (out, d) and input Hessian H (d, d), both float64."""
+
+    def __init__(self, w: torch.Tensor, h: torch.Tensor):
+        self.w0 = w.double()
+        self.h = h.double()
+
+    def hinv_factor(self, h: torch.Tensor, damp: float) -> torch.Tensor:
+        """Upper Cholesky factor of (H + λI)⁻¹, damping raised tenfold until H is positive definite."""
+        mean_diag = float(torch.diagonal(h).mean()) or 1.0
+        for k in range(6):
+            hd = h + (damp * 10**k) * mean_diag * torch.eye(len(h), dtype=h.dtype)
+            lo, info = torch.linalg.cholesky_ex(hd)
+            if int(info) == 0:
+                return torch.linalg.cholesky(torch.cholesky_inverse(lo), upper=True)
+        raise RuntimeError("GPTQ: the input Hessian stays singular after damping")
+
+    def quantize(self, codes: CodeSet, per_channel: bool, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (out, d) as float64 integers and α (out,) or (1,)."""
+        w, h = self.w0.clone(), self.h.clone()
+        dead = torch.diagonal(h) == 0  # inputs that are always 0: any code is exact there
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        alpha = fit(w, codes, per_channel).alpha.double().reshape(-1)
+        a = alpha[:, None] if per_channel else alpha
+        perm = torch.argsort(torch.diagonal(h), descending=True) if p.act_order else torch.arange(len(h))
+        w, h = w[:, perm], h[perm][:, perm]
+        u = self.hinv_factor(h, p.damp)
+        q = torch.zeros_like(w)
+        d = w.shape[1]
+        for i1 in range(0, d, p.block_size):  # Algorithm 1 with lazy batch updates
+            i2 = min(i1 + p.block_size, d)
+            w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+            err = torch.zeros_like(w1)
+            for j in range(i2 - i1):
+                col = w1[:, j]
+                qj = codes.project(col / a.reshape(-1))
+                q[:, i1 + j] = qj
+                e = (col - a.reshape(-1) * qj) / u1[j, j]
+                w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
+                err[:, j] = e
+            w[:, i2:] -= err @ u[i1:i2, i2:]
+        q = q[:, torch.argsort(perm)]
+        if p.refit_scale:
+            alpha = refit_alpha(self.w0, q, self.h, per_channel, alpha)
+        return q, alpha
+
+
+def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
+    p = spec.resolve(Params)
+    if p.damp < 0 or p.block_size < 1:
+        raise UserError("gptq: need damp >= 0 and block_size >= 1")
+    codes = spec.codes
+    model = copy.deepcopy(model).eval()
+    x = data.calibration(spec.calib_samples, spec.seed)
+    layers: dict[str, LayerCodes] = {}
+    history = []
+    named = quantizable_layers(model, spec.keep_first, spec.keep_last)
+    for name, m in tqdm(named, desc=f"gptq {codes.describe()}", disable=not spec.progress):
+        t0 = time.time()
+        shape = m.weight.shape
+        w = weight_matrix(m)
+        if not supports_matrix(m):  # grouped or non-zero-padded conv: nearest rounding, said in the log
+            f = fit(m.weight.detach(), codes, spec.per_channel)
+            layers[name] = LayerCodes(f.q, f.alpha, codes)
+            history.append({"layer": name, "rule": "nearest (layer kind not supported by gptq)"})
+        else:
+            h = input_hessian(model, m, x)
+            q, alpha = GPTQ(w, h).quantize(codes, spec.per_channel, p)
+            alpha = alpha.float().clamp_min(ZERO_SCALE)
+            lc = LayerCodes(q.reshape(shape).to(codes.storage_dtype), alpha if spec.per_channel else alpha.reshape(()), codes)
+            nearest = fit(m.weight.detach(), codes, spec.per_channel).dequantize().reshape(len(w), -1)
+            base = max(output_error(w, h), 1e-30)
+            history.append({"layer": name, "out_err_nearest": output_error(w - nearest, h) / base,
+                            "out_err_gptq": output_error(w - lc.weight().reshape(len(w), -1), h) / base})
+            layers[name] = lc
+        with torch.no_grad():
+            m.weight.copy_(layers[name].weight())
+        if p.bn_each_layer:
+            reestimate_bn(model, x)
+        history[-1]["seconds"] = round(time.time() - t0, 2)
+    return QuantResult(model, layers, "gptq", asdict(p), history)
