@@ -8,8 +8,9 @@ drawn by the seed, the same images for our methods and for Brevitas.
 Methods (`--methods`, comma separated):
   ptq-nobn            nearest rounding (alternating α/Q fit), BatchNorm statistics left stale
   ptq                 the same + BatchNorm re-estimation (the default of `qexport quantize --method ptq`)
-  ptq-bc, gptq-bc     ... + bias correction (Nagel et al. 2019) as well
-  gptq, ldnq          calibration-only back-ends, defaults (BatchNorm re-estimated)
+  ptq-bc              ... + bias correction (Nagel et al. 2019) as well
+  gptq, ldnq          calibration-only back-ends, defaults (BatchNorm re-estimated, bias correction)
+  gptq-nobc           gptq without the bias correction
   lq, ste             training back-ends; hyperparameters from --lq-params / --ste-params
   brevitas-nearest, brevitas-gptq, brevitas-gpfq
                       Brevitas 0.13 weight-only PTQ (benchmarks/brevitas_peer.py, MSE scales, bias
@@ -47,8 +48,8 @@ OURS = {
     "ptq-nobn": ("ptq", {"bn_reestimate": False}),
     "ptq": ("ptq", {}),
     "ptq-bc": ("ptq", {"bias_correction": True}),
+    "gptq-nobc": ("gptq", {"bias_correction": False}),
     "gptq": ("gptq", {}),
-    "gptq-bc": ("gptq", {"bias_correction": True}),
     "ldnq": ("ldnq", {}),
     "lq": ("lq", {}),
     "ste": ("ste", {}),

@@ -75,10 +75,9 @@ def input_hessian(model: nn.Module, layer: nn.Module, x: torch.Tensor, batch_siz
     output reconstruction error ‖(W − Ŵ)X‖² / n = tr((W − Ŵ) H (W − Ŵ)ᵀ)."""
     acc: dict[str, torch.Tensor | int] = {"h": 0, "n": 0}
 
-    def add(rows: torch.Tensor) -> None:
-        r = rows.double()
-        acc["h"] = acc["h"] + r.T @ r
-        acc["n"] = int(acc["n"]) + len(r)
+    def add(rows: torch.Tensor) -> None:  # float32 products per batch (4x faster), float64 running sum
+        acc["h"] = acc["h"] + (rows.T @ rows).double()
+        acc["n"] = int(acc["n"]) + len(rows)
 
     for_each_input(model, layer, x, add, batch_size)
     return acc["h"] / max(int(acc["n"]), 1)  # type: ignore[operator]

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from qadmm.layer_inputs import input_mean, supports_matrix
-from qadmm.train import evaluate
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -80,16 +79,12 @@ def correct_bias(model: nn.Module, float_weights: dict[str, torch.Tensor], x: to
 
 
 def recalibrate(model: nn.Module, float_weights: dict[str, torch.Tensor], calib_x: torch.Tensor,
-                bn: bool, bias: bool, val: tuple | None = None) -> dict:
+                bn: bool, bias: bool) -> dict:
     """Apply the requested repairs in place (bias correction first, then BatchNorm re-estimation,
     which sees the corrected biases) and return a record for the artifact's metadata."""
     record: dict = {"calib_samples": len(calib_x), "bn_reestimate": bn, "bias_correction": bias}
-    if val is not None:
-        record["val_acc_before"] = evaluate(model, *val)[0]
     if bias:
         record["bias_corrected"] = correct_bias(model, float_weights, calib_x)
     if bn:
         record["bn_layers"] = reestimate_bn(model, calib_x)
-    if val is not None:
-        record["val_acc_after"] = evaluate(model, *val)[0]
     return record

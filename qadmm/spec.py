@@ -28,7 +28,7 @@ class QuantSpec:
     progress: bool = True
     calib_samples: int = 2048  # training images for calibration (GPTQ/LDNQ Hessians, BN re-estimation)
     bn_reestimate: bool | None = None  # re-estimate BatchNorm statistics afterwards; None: the method's default
-    bias_correction: bool = False  # Nagel et al. 2019 bias correction of layers without BatchNorm after them
+    bias_correction: bool | None = None  # Nagel et al. 2019 bias correction of layers without BatchNorm after them; None: the method's default
     device: str = "cpu"  # where training-based back-ends run ("cuda" when present); results come back on the CPU
 
     @property

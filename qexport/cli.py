@@ -163,8 +163,9 @@ def layer_table(history: list) -> str:
 @click.option("--bn-reestimate/--no-bn-reestimate", default=None,
               help="Recompute BatchNorm statistics with the quantized weights afterwards "
                    "(default: on for ptq, gptq, ldnq; off for the methods that train BatchNorm).")
-@click.option("--bias-correction", is_flag=True,
-              help="Nagel et al. 2019 bias correction of quantized layers with no BatchNorm after them.")
+@click.option("--bias-correction/--no-bias-correction", default=None,
+              help="Nagel et al. 2019 bias correction of quantized layers with no BatchNorm after them "
+                   "(default: on for gptq, ldnq; off otherwise).")
 @click.option("--device", default="cpu", show_default=True, help="Where training-based back-ends run: cpu, cuda, cuda:1 ...")
 @train_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for splits, training and the method.")
@@ -234,8 +235,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     if rc:
         done = [f"BatchNorm re-estimated ({rc['bn_layers']} layers)" if rc.get("bn_reestimate") else "",
                 f"bias corrected ({', '.join(rc['bias_corrected']) or 'no layer qualified'})" if rc.get("bias_correction") else ""]
-        click.echo(f"  {' and '.join(d for d in done if d)} on {rc['calib_samples']} training images: "
-                   f"val {rc['val_acc_before']:.2f}% -> {rc['val_acc_after']:.2f}%")
+        click.echo(f"  {' and '.join(d for d in done if d)} on {rc['calib_samples']} training images")
     click.echo(f"wrote {out}  (sha256 {digest[:12]})")
 
 

@@ -24,27 +24,25 @@ def digits():
     return load_dataset("digits", seed=0)
 
 
-@pytest.fixture(scope="session")
-def digits_mlp(digits):
-    """mlp-digits trained for a few epochs (about 96% test accuracy): a real model, quickly."""
+def trained(name: str, digits, epochs: int):
+    """A zoo model trained on digits for a few seconds (seed 0, one thread), in eval mode."""
     from qadmm.train import TrainConfig, seed_everything, train_epochs
     from qadmm.zoo import build_model
 
     torch.set_num_threads(1)
     seed_everything(0)
-    model = build_model("mlp-digits", digits.input_shape, digits.num_classes, digits.mean, digits.std)
-    train_epochs(model, digits, TrainConfig(epochs=25, lr=3e-3, batch_size=32, patience=25), progress=False)
+    model = build_model(name, digits.input_shape, digits.num_classes, digits.mean, digits.std)
+    train_epochs(model, digits, TrainConfig(epochs=epochs, lr=3e-3, batch_size=32, patience=epochs), progress=False)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_mlp(digits):
+    """mlp-digits trained for a few epochs (about 96% test accuracy): a real model, quickly."""
+    return trained("mlp-digits", digits, 25)
 
 
 @pytest.fixture(scope="session")
 def digits_cnn(digits):
     """cnn-small (convolutions + BatchNorm) trained on digits for a few seconds (about 93% test accuracy)."""
-    from qadmm.train import TrainConfig, seed_everything, train_epochs
-    from qadmm.zoo import build_model
-
-    torch.set_num_threads(1)
-    seed_everything(0)
-    model = build_model("cnn-small", digits.input_shape, digits.num_classes, digits.mean, digits.std)
-    train_epochs(model, digits, TrainConfig(epochs=30, lr=3e-3, batch_size=32, patience=30), progress=False)
-    return model.eval()
+    return trained("cnn-small", digits, 30)

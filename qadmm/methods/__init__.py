@@ -8,7 +8,8 @@ defaults) and one function with one signature:
 `model` is the trained float model (the back-end may modify a copy, never the caller's object);
 `spec.resolve(Params)` gives the hyperparameters with the user's overrides. A module may set
 `RECALIBRATE = True` when its result leaves BatchNorm statistics stale (it never trains them): then
-BatchNorm re-estimation runs after it by default (`qadmm.recalibrate`; `spec.bn_reestimate` overrides).
+BatchNorm re-estimation runs after it by default (`qadmm.recalibrate`; `spec.bn_reestimate` overrides),
+and `BIAS_CORRECTION = True` to make bias correction its default (`spec.bias_correction` overrides).
 """
 from __future__ import annotations
 
@@ -65,10 +66,11 @@ def quantize(name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> Qua
         lc.q, lc.alpha = lc.q.cpu(), lc.alpha.cpu()
     bn = getattr(mod, "RECALIBRATE", False) if spec.bn_reestimate is None else spec.bn_reestimate
     bn = bn and bool(batchnorms(result.model))
-    if bn or spec.bias_correction:
+    bias = getattr(mod, "BIAS_CORRECTION", False) if spec.bias_correction is None else spec.bias_correction
+    if bn or bias:
         modules = dict(model.named_modules())
         float_weights = {n: modules[n].weight.detach() for n in result.layers}
         result.recalibration = recalibrate(result.model, float_weights, data.calibration(spec.calib_samples, spec.seed),
-                                           bn=bn, bias=spec.bias_correction, val=(data.x_val, data.y_val))
+                                           bn=bn, bias=bias)
     result.model.eval()
     return result

@@ -24,24 +24,22 @@ float teacher's logits (MSE, SGD momentum 0.9, as in the paper), so later layers
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from qadmm.codes import ZERO_SCALE, CodeSet, fit
+from qadmm.codes import CodeSet, fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.layer_inputs import input_hessian, supports_matrix, weight_matrix
-from qadmm.layers import quantizable_layers, stage
-from qadmm.methods.gptq import GPTQ, output_error, refit_alpha
+from qadmm.layers import stage
+from qadmm.layerwise import output_error, walk
+from qadmm.methods.gptq import GPTQ, refit_alpha
 from qadmm.methods.gptq import Params as GPTQParams
-from qadmm.recalibrate import reestimate_bn
-from qadmm.spec import LayerCodes, QuantResult, QuantSpec
+from qadmm.spec import QuantResult, QuantSpec
 from qadmm.train import predict, seed_everything
 
+BIAS_CORRECTION = True  # as for gptq (docs/calibration.md)
 RECALIBRATE = True  # the cascade may move BatchNorm a little, never onto the quantized statistics
 
 
@@ -58,6 +56,7 @@ class Params:
     cascade_lr: float = 1e-3
     batch_size: int = 64  # cascade minibatch
     bn_each_layer: bool = True  # re-estimate BatchNorm after each layer (see gptq)
+    bn_samples: int = 512  # ... on this many of the calibration images (the final re-estimation uses all)
 
 
 def admm_layer(w0: torch.Tensor, h: torch.Tensor, codes: CodeSet, per_channel: bool, p: Params) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -80,10 +79,12 @@ def admm_layer(w0: torch.Tensor, h: torch.Tensor, codes: CodeSet, per_channel: b
     lam = torch.zeros_like(w0)
     rho = p.rho * mean_diag
     hw0 = w0 @ h
-    stall, rounds = 0, 0
+    stall, rounds, lo, lo_rho = 0, 0, None, None
     for k in range(1, p.iters + 1):
         rounds = k
-        lo = torch.linalg.cholesky(h + rho * eye)  # W-step: W (H + ρI) = W₀H + ρ(G − Λ)
+        if rho != lo_rho:  # one factorisation per ρ
+            lo, lo_rho = torch.linalg.cholesky(h + rho * eye), rho
+        # W-step: W (H + ρI) = W₀H + ρ(G − Λ)
         w = torch.cholesky_solve((hw0 + rho * (g - lam)).T, lo).T
         f = fit(w + lam, codes, per_channel, alpha0=alpha.float(), max_iter=10)  # G-step
         q, alpha = f.q.double().reshape(w0.shape), f.alpha.double().reshape(-1)
@@ -143,36 +144,18 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
         raise UserError("ldnq: need iters >= 0, patience >= 1, rho > 0, rho_growth >= 1, cascade_epochs >= 0")
     if p.warm_start not in ("nearest", "gptq"):
         raise UserError(f"ldnq: warm_start={p.warm_start!r}: use nearest or gptq")
-    codes = spec.codes
     gen = seed_everything(spec.seed)
     model = copy.deepcopy(model).eval()
     x = data.calibration(spec.calib_samples, spec.seed)
     teacher = predict(model, x) if p.cascade_epochs > 0 else None
-    layers: dict[str, LayerCodes] = {}
-    history = []
-    named = quantizable_layers(model, spec.keep_first, spec.keep_last)
-    for name, m in tqdm(named, desc=f"ldnq {codes.describe()}", disable=not spec.progress):
-        t0 = time.time()
-        shape = m.weight.shape
-        if not supports_matrix(m):
-            f = fit(m.weight.detach(), codes, spec.per_channel)
-            layers[name] = LayerCodes(f.q, f.alpha, codes)
-            log: dict = {"rule": "nearest (layer kind not supported by ldnq)"}
-        else:
-            w = weight_matrix(m)
-            h = input_hessian(model, m, x)
-            q, alpha, log = admm_layer(w, h, codes, spec.per_channel, p)
-            base = max(output_error(w, h), 1e-30)
-            log = {"rounds": log["rounds"], "out_err_start": log["err_start"] / base, "out_err": log["err_best"] / base,
-                   "kept": log["kept"]}
-            alpha = alpha.float().clamp_min(ZERO_SCALE)
-            layers[name] = LayerCodes(q.reshape(shape).to(codes.storage_dtype),
-                                      alpha if spec.per_channel else alpha.reshape(()), codes)
-        with torch.no_grad():
-            m.weight.copy_(layers[name].weight())
-        if teacher is not None:
-            log["cascade_loss"] = cascade(model, teacher, x, name, p, gen)
-        if p.bn_each_layer:
-            reestimate_bn(model, x)
-        history.append({"layer": name, **log, "seconds": round(time.time() - t0, 2)})
+
+    def solve(w: torch.Tensor, h: torch.Tensor):
+        q, alpha, log = admm_layer(w, h, spec.codes, spec.per_channel, p)
+        base = max(output_error(w, h), 1e-30)
+        return q, alpha, {"rounds": log["rounds"], "out_err_admm_start": log["err_start"] / base, "kept": log["kept"]}
+
+    def after(name: str) -> dict:
+        return {} if teacher is None else {"cascade_loss": cascade(model, teacher, x, name, p, gen)}
+
+    layers, history = walk(model, x, spec, solve, f"ldnq {spec.codes.describe()}", p.bn_each_layer, p.bn_samples, after)
     return QuantResult(model, layers, "ldnq", asdict(p), history)

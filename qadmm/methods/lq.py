@@ -27,11 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qadmm.codes import ZERO_SCALE, CodeSet, fit
+from qadmm.codes import CodeSet, fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
 from qadmm.layer_inputs import input_hessian, supports_matrix, weight_matrix
 from qadmm.layers import Stage, quantizable_layers, stage
+from qadmm.layerwise import layer_codes
 from qadmm.methods.gptq import GPTQ
 from qadmm.methods.gptq import Params as GPTQParams
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec
@@ -254,10 +255,8 @@ def start_codes(model: nn.Module, name: str, codes: CodeSet, per_channel: bool, 
     if calib is None or not supports_matrix(m):
         f = fit(m.weight.detach().cpu(), codes, per_channel)
         return LayerCodes(f.q, f.alpha, codes)
-    w = weight_matrix(m).cpu()
-    q, alpha = GPTQ(w, input_hessian(model, m, calib).cpu()).quantize(codes, per_channel, GPTQParams())
-    alpha = alpha.float().clamp_min(ZERO_SCALE)
-    return LayerCodes(q.reshape(m.weight.shape).to(codes.storage_dtype), alpha if per_channel else alpha.reshape(()), codes)
+    q, alpha = GPTQ(weight_matrix(m).cpu(), input_hessian(model, m, calib).cpu()).quantize(codes, per_channel, GPTQParams())
+    return layer_codes(q, alpha, m.weight.shape, codes, per_channel)
 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
