@@ -277,6 +277,7 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
         per_layer = p.budget_epochs / len(names)
         p.inner_epochs = per_layer * p.budget_admm_share / max(p.iters, 1)
         p.retrain_epochs = per_layer * (1 - p.budget_admm_share)
+        p.min_steps = 1  # the budget decides the length; the floor is for tiny data sets without one
     inputs = Inputs(model, data, p.cache_inputs, p.val_samples)
     calib = data.calibration(spec.calib_samples, spec.seed).to(device_of(model)) if p.warm_start == "gptq" else None
     layers: dict[str, LayerCodes] = {}
