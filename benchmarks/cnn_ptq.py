@@ -78,16 +78,30 @@ def run_one(method: str, model, data, bits: int, seed: int, a) -> float:
     return accuracy(res.model, data.x_test, data.y_test)
 
 
+def label(r: dict) -> str:
+    """A method's column name: its name, plus the hyperparameters given on the command line."""
+    params = r.get("lq_params") or r.get("ste_params") or []
+    return r["method"] + (f" ({' '.join(params)})" if params else "")
+
+
 def table(rows: list[dict], floats: dict[str, float]) -> str:
-    out = ["| model | method | bits | test % | drop | seconds | seeds |", "|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["model"], r["method"], r["bits"]) for r in rows}, key=lambda k: (k[0], -k[2], k[1]))
-    for model, method, bits in keys:
-        rs = [r for r in rows if (r["model"], r["method"], r["bits"]) == (model, method, bits)]
-        accs = [r["acc"] for r in rs]
-        sd = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        mean = statistics.mean(accs)
-        secs = statistics.mean(r["seconds"] for r in rs)
-        out.append(f"| {model} | {method} | {bits} | {mean:.2f}{sd} | {floats[model] - mean:.2f} | {secs:.1f} | {len(rs)} |")
+    """Markdown, one table per model: bits down, methods across; mean ± std over seeds (drop from
+    float in brackets), and the mean seconds per run below."""
+    out = []
+    for model in floats:
+        mine = [r for r in rows if r["model"] == model]
+        methods_ = list(dict.fromkeys(label(r) for r in mine))
+        out += [f"\n{model}: float {floats[model]:.2f} %, test % (drop), mean ± std over seeds",
+                "| bits | " + " | ".join(methods_) + " |", "|---|" + "---|" * len(methods_)]
+        for bits in sorted({r["bits"] for r in mine}, reverse=True):
+            cells = []
+            for m in methods_:
+                accs = [r["acc"] for r in mine if r["bits"] == bits and label(r) == m]
+                sd = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+                cells.append(f"{statistics.mean(accs):.2f}{sd} ({floats[model] - statistics.mean(accs):.2f})" if accs else "")
+            out.append(f"| {bits} | " + " | ".join(cells) + " |")
+        secs = [statistics.mean([r["seconds"] for r in mine if label(r) == m]) for m in methods_]
+        out.append("| s/run | " + " | ".join(f"{t:.1f}" for t in secs) + " |")
     return "\n".join(out)
 
 
@@ -105,12 +119,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "runs" / "cnn_ptq.json"))
+    ap.add_argument("--report", action="store_true", help="Only print the table of what --out holds.")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out.read_text()) if out.is_file() else []
+    if a.report:
+        wanted = [r for r in rows if r["model"] in a.models.split(",") and r["method"] in a.methods.split(",")
+                  and r["bits"] in map(int, a.bits.split(","))]
+        print(table(wanted, {r["model"]: r["float"] for r in wanted}))
+        return
     data = load_dataset("fashion-mnist", a.data_dir, seed=0)
     floats = {}
     for model_name in a.models.split(","):

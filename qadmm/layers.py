@@ -1,7 +1,9 @@
 """Which layers get integer codes, and writing W = α·Q into them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from torch import nn
 
@@ -27,11 +29,22 @@ class Stage:
     bias: nn.Parameter | None  # b_l: float, trained with W_l and in the retraining after it
     after: list[nn.Parameter]  # the float parameters of the modules after layer l
     frozen_modules: list[nn.Module]  # leaf modules before layer l (eval mode: BatchNorm statistics fixed)
+    after_buffers: list[torch.Tensor] = field(default_factory=list)  # BatchNorm statistics after layer l
 
     @property
     def later(self) -> list[nn.Parameter]:
         """What the retraining of eq. 5.17 may change."""
         return ([self.bias] if self.bias is not None else []) + self.after
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of everything training after layer l changes: the later parameters and the BatchNorm
+        statistics (running in train mode, they move with every minibatch)."""
+        return [t.detach().clone() for t in self.later + self.after_buffers]
+
+    @torch.no_grad()
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for t, v in zip(self.later + self.after_buffers, snap):
+            t.copy_(v)
 
 
 def stage(model: nn.Module, layer_name: str) -> Stage:
@@ -43,4 +56,5 @@ def stage(model: nn.Module, layer_name: str) -> Stage:
     k = order.index(layer_name)
     layer = leaves[k][1]
     after = [p for _, m in leaves[k + 1:] for p in m.parameters(recurse=False)]
-    return Stage(layer.weight, getattr(layer, "bias", None), after, [m for _, m in leaves[:k]])
+    buffers = [b for _, m in leaves[k + 1:] for b in m.buffers(recurse=False)]
+    return Stage(layer.weight, getattr(layer, "bias", None), after, [m for _, m in leaves[:k]], buffers)

@@ -127,3 +127,15 @@ def test_budget_fits_the_schedule_and_records_it(digits, digits_cnn):
     assert res.params["retrain_epochs"] == pytest.approx(3 / 3 * 0.25)
     assert [r["rounds"] for r in res.history] == [2, 2, 2]
     assert accuracy(res.model, digits.x_test, digits.y_test) > 85
+
+
+def test_kept_round_restores_batchnorm_statistics_with_the_later_layers(digits, digits_cnn):
+    """The round LQ keeps is scored with the later BatchNorm statistics of that round: restoring the
+    parameters alone (statistics left from the last round) made the kept model differ from the scored one."""
+    model = copy.deepcopy(digits_cnn)
+    p = lq.Params(iters=4, inner_epochs=1.0, min_steps=10, rho_growth=1.0)
+    inputs = lq.Inputs(model, digits, cache=True)
+    inputs.advance_to("body.0")
+    g0 = lq.start_codes(model, "body.0", CodeSet.default(2), True, None)
+    _, log = lq.admm_layer(model, inputs, "body.0", g0, True, p, seed_everything(0))
+    assert inputs.score()[0] == pytest.approx(log["val_acc_fixed"])

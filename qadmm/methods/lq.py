@@ -8,7 +8,8 @@ For each quantizable layer l in forward order, with layers 1..l-1 fixed at α·Q
    - G-step (eq. 5.9-5.15): the alternating α/Q fit of V = W_l + λ/ρ (`qadmm.codes.fit`, Algorithm 8),
      warm-started from the previous α;
    - dual step (eq. 5.16): λ ← λ + ρ(W_l − G_l); then ρ ← ρ·`rho_growth`.
-   The round whose G_l (with the later layers as they were then) scores best on validation is kept;
+   The round whose G_l (with the later layers and their BatchNorm statistics as they were then) scores
+   best on validation is kept;
    the loop stops early once ‖W_l − G_l‖/‖W_l‖ < `tol`.
 2. Fix W̄_l = α_l·Q_l (exactly; its weight is never touched again).
 3. Retrain the float parameters after layer l (eq. 5.17), BatchNorm included, plus layer l's bias,
@@ -193,7 +194,7 @@ def admm_layer(model: nn.Module, inputs: Inputs, name: str, g0: LayerCodes, per_
         return s
 
     best_key = scored_with(g)  # round 0: plain projection with the trained later layers
-    best = (f.q, f.alpha, [t.detach().clone() for t in st.later])
+    best = (f.q, f.alpha, st.snapshot())
     best_round, residual, loss, rounds, residuals = 0, float("nan"), float("nan"), 0, []
     bar = tqdm(range(1, p.iters + 1), desc=desc, disable=not progress, leave=False)
     for k in bar:
@@ -209,7 +210,7 @@ def admm_layer(model: nn.Module, inputs: Inputs, name: str, g0: LayerCodes, per_
         key = scored_with(g)
         if key > best_key:
             best_key, best_round = key, k
-            best = (f.q, f.alpha, [t.detach().clone() for t in st.later])
+            best = (f.q, f.alpha, st.snapshot())
         bar.set_postfix(res=f"{residual:.3g}", loss=f"{loss:.3f}", val=f"{key[0]:.1f}%", rho=f"{rho:.3g}")
         rho *= p.rho_growth
         if residual < p.tol:
@@ -218,8 +219,7 @@ def admm_layer(model: nn.Module, inputs: Inputs, name: str, g0: LayerCodes, per_
     lc = LayerCodes(q.cpu(), alpha.cpu(), codes)
     with torch.no_grad():  # step 2: fix W̄_l = α·Q (and restore the later layers of that round)
         w.copy_(lc.weight().to(w.device))
-        for t, v in zip(st.later, later):
-            t.copy_(v)
+    st.restore(later)
     acc = best_key[0] if p.select == "acc" else best_key[1]
     return lc, {"rounds": rounds, "best_round": best_round, "residual": residual, "rho_end": rho,
                 "w_loss": loss, "val_acc_fixed": acc, "residuals": residuals}
@@ -233,7 +233,7 @@ def retrain_later(model: nn.Module, inputs: Inputs, name: str, epochs: float, lr
     (val acc, val loss)."""
     st = stage(model, name)
     best_key = inputs.score(select)
-    best = [t.detach().clone() for t in st.later]
+    best = st.snapshot()
     if st.later and epochs > 0:
         trainer = Trainer(model, inputs, st, st.later, lr, batch_size, gen, min_steps)
         chunks = [1.0] * int(epochs) + ([epochs - int(epochs)] if epochs % 1 else [])
@@ -241,10 +241,8 @@ def retrain_later(model: nn.Module, inputs: Inputs, name: str, epochs: float, lr
             trainer.run(chunk)
             key = inputs.score(select)
             if key > best_key:
-                best_key, best = key, [t.detach().clone() for t in st.later]
-    with torch.no_grad():
-        for t, v in zip(st.later, best):
-            t.copy_(v)
+                best_key, best = key, st.snapshot()
+    st.restore(best)
     return (best_key[0], -best_key[1]) if select == "acc" else (best_key[1], -best_key[0])
 
 
