@@ -56,8 +56,8 @@ OURS = {
 }
 
 
-def run_one(method: str, model, data, bits: int, seed: int, a) -> float:
-    """Quantize once; returns test accuracy (%) and sets `run_one.seconds`."""
+def run_one(method: str, model, data, bits: int, seed: int, a) -> tuple[float, float, list | None]:
+    """Quantize once; returns (test accuracy %, seconds of quantization, the method's per-layer log)."""
     if method.startswith("brevitas-"):
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from brevitas_peer import brevitas_ptq
@@ -65,17 +65,16 @@ def run_one(method: str, model, data, bits: int, seed: int, a) -> float:
         x = data.calibration(a.calib_samples, seed)
         t0 = time.time()
         qm = brevitas_ptq(model, x, bits, method.split("-", 1)[1], bias_correction=True, scale="mse")
-        run_one.seconds = time.time() - t0
-        return accuracy(qm, data.x_test, data.y_test)
+        seconds = time.time() - t0
+        return accuracy(qm, data.x_test, data.y_test), seconds, None
     name, over = OURS[method]
     params = {"lq": parse_params(tuple(a.lq_params)), "ste": parse_params(tuple(a.ste_params))}.get(name, {})
     spec = QuantSpec(bits=bits, per_channel=True, seed=seed, calib_samples=a.calib_samples, params=params,
                      progress=a.progress, **over)
     t0 = time.time()
     res = methods.quantize(name, model, data, spec)
-    run_one.seconds = time.time() - t0
-    run_one.history = res.history
-    return accuracy(res.model, data.x_test, data.y_test)
+    seconds = time.time() - t0
+    return accuracy(res.model, data.x_test, data.y_test), seconds, res.history
 
 
 def label(r: dict) -> str:
@@ -145,14 +144,13 @@ def main() -> None:
                                lq_params=a.lq_params if method == "lq" else [], ste_params=a.ste_params if method == "ste" else [])
                     if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
                         continue
-                    acc = run_one(method, model, data, bits, seed, a)
-                    row = {**key, "acc": acc, "float": floats[model_name], "seconds": round(run_one.seconds, 2),
-                           "threads": torch.get_num_threads(), "history": getattr(run_one, "history", None)}
-                    run_one.history = None
+                    acc, seconds, history = run_one(method, model, data, bits, seed, a)
+                    row = {**key, "acc": acc, "float": floats[model_name], "seconds": round(seconds, 2),
+                           "threads": torch.get_num_threads(), "history": history}
                     rows.append(row)
                     out.write_text(json.dumps(rows, indent=1))
                     print(f"  {model_name} {method:16s} {bits}b seed {seed}: {acc:6.2f}%  "
-                          f"(drop {floats[model_name] - acc:5.2f})  {run_one.seconds:6.1f} s", flush=True)
+                          f"(drop {floats[model_name] - acc:5.2f})  {seconds:6.1f} s", flush=True)
     wanted = [r for r in rows if r["model"] in floats and r["calib_samples"] == a.calib_samples]
     print(table(wanted, floats))
 

@@ -154,10 +154,14 @@ def test_cli_gptq_records_its_calibration(tmp_path, digits_cnn, digits):
     (["--calib-samples", "0"], "--calib-samples"),
     (["--device", "cuda:7"], "device 'cuda:7' is not available"),
     (["--method", "ldnq", "--param", "warm_start=best"], "warm_start"),
+    (["--method", "lq", "--param", "budget_epochs=-1"], "budget_epochs >= 0"),
+    (["--method", "gptq", "--param", "damp=-1"], "damp >= 0"),
 ])
 def test_cli_refuses_bad_calibration_requests(tmp_path, args, message):
     if "--device" in args and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
-    text = run_cli(["quantize", "--method", "gptq", "-q", "-o", str(tmp_path / "x.qx.safetensors"), *args], code=2)
+    args = args if "--method" in args else ["--method", "gptq", *args]
+    # refused before any work: with --data pointing nowhere, a later check would fail on the data instead
+    text = run_cli(["quantize", "--data", str(tmp_path / "absent.npz"), "-q", "-o", str(tmp_path / "x.qx.safetensors"), *args], code=2)
     assert message in text
     assert not (tmp_path / "x.qx.safetensors").exists()

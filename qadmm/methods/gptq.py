@@ -39,6 +39,10 @@ class Params:
     bn_each_layer: bool = True  # re-estimate BatchNorm after each layer, so later layers see deployed statistics
     bn_samples: int = 512  # ... on this many of the calibration images (the final re-estimation uses all)
 
+    def __post_init__(self) -> None:  # bad values are refused when the spec is resolved, before any work
+        if self.damp < 0 or self.block_size < 1:
+            raise UserError("gptq: need damp >= 0 and block_size >= 1")
+
 
 def refit_alpha(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, per_channel: bool, alpha: torch.Tensor) -> torch.Tensor:
     """α minimising ‖(W − α·Q)X‖² for fixed codes: per row ⟨q, Hw⟩/⟨q, Hq⟩ (summed over rows per tensor).
@@ -101,8 +105,6 @@ class GPTQ:
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
-    if p.damp < 0 or p.block_size < 1:
-        raise UserError("gptq: need damp >= 0 and block_size >= 1")
     model = copy.deepcopy(model).eval()
 
     def solve(w: torch.Tensor, h: torch.Tensor):

@@ -58,6 +58,12 @@ class Params:
     bn_each_layer: bool = True  # re-estimate BatchNorm after each layer (see gptq)
     bn_samples: int = 512  # ... on this many of the calibration images (the final re-estimation uses all)
 
+    def __post_init__(self) -> None:  # bad values are refused when the spec is resolved, before any work
+        if self.iters < 0 or self.patience < 1 or self.rho <= 0 or self.rho_growth < 1 or self.cascade_epochs < 0:
+            raise UserError("ldnq: need iters >= 0, patience >= 1, rho > 0, rho_growth >= 1, cascade_epochs >= 0")
+        if self.warm_start not in ("nearest", "gptq"):
+            raise UserError(f"ldnq: warm_start={self.warm_start!r}: use nearest or gptq")
+
 
 def admm_layer(w0: torch.Tensor, h: torch.Tensor, codes: CodeSet, per_channel: bool, p: Params) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ADMM for one layer (W₀ (out, d) and H, float64). Returns the best codes, α and a log."""
@@ -140,10 +146,6 @@ def cascade(model: nn.Module, teacher_logits: torch.Tensor, x: torch.Tensor, nam
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
-    if p.iters < 0 or p.patience < 1 or p.rho <= 0 or p.rho_growth < 1 or p.cascade_epochs < 0:
-        raise UserError("ldnq: need iters >= 0, patience >= 1, rho > 0, rho_growth >= 1, cascade_epochs >= 0")
-    if p.warm_start not in ("nearest", "gptq"):
-        raise UserError(f"ldnq: warm_start={p.warm_start!r}: use nearest or gptq")
     gen = seed_everything(spec.seed)
     model = copy.deepcopy(model).eval()
     x = data.calibration(spec.calib_samples, spec.seed)

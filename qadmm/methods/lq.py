@@ -62,6 +62,16 @@ class Params:
     cache_inputs: bool = True  # run the fixed prefix once per layer, not every minibatch (nn.Sequential models)
     val_samples: int = 0  # > 0: select rounds/epochs on this many validation samples (large validation splits)
 
+    def __post_init__(self) -> None:  # bad values are refused when the spec is resolved, before any work
+        if self.iters < 0 or self.inner_epochs <= 0 or self.rho <= 0 or self.rho_growth < 1 or self.lr <= 0 or self.batch_size < 1:
+            raise UserError("lq: need iters >= 0, inner_epochs > 0, rho > 0, rho_growth >= 1, lr > 0, batch_size >= 1")
+        if self.select not in ("acc", "loss"):
+            raise UserError(f"lq: select={self.select!r}: use select=acc or select=loss")
+        if self.warm_start not in ("nearest", "gptq"):
+            raise UserError(f"lq: warm_start={self.warm_start!r}: use nearest or gptq")
+        if self.budget_epochs < 0 or not 0 < self.budget_admm_share <= 1 or self.retrain_epochs < 0:
+            raise UserError("lq: need budget_epochs >= 0, 0 < budget_admm_share <= 1, retrain_epochs >= 0")
+
 
 def set_modes(model: nn.Module, st: Stage) -> None:
     """Train mode for layer l and after, eval mode before it (frozen BatchNorm keeps its statistics)."""
@@ -259,14 +269,6 @@ def start_codes(model: nn.Module, name: str, codes: CodeSet, per_channel: bool, 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
-    if p.iters < 0 or p.inner_epochs <= 0 or p.rho <= 0 or p.rho_growth < 1 or p.lr <= 0 or p.batch_size < 1:
-        raise UserError("lq: need iters >= 0, inner_epochs > 0, rho > 0, rho_growth >= 1, lr > 0, batch_size >= 1")
-    if p.select not in ("acc", "loss"):
-        raise UserError(f"lq: select={p.select!r}: use select=acc or select=loss")
-    if p.warm_start not in ("nearest", "gptq"):
-        raise UserError(f"lq: warm_start={p.warm_start!r}: use nearest or gptq")
-    if p.budget_epochs < 0 or not 0 < p.budget_admm_share <= 1 or p.retrain_epochs < 0:
-        raise UserError("lq: need budget_epochs >= 0, 0 < budget_admm_share <= 1, retrain_epochs >= 0")
     codes = spec.codes
     model = copy.deepcopy(model).to(spec.device)
     gen = seed_everything(spec.seed)
