@@ -74,7 +74,7 @@ def ort_quantized(fp32_path: Path, x_train: np.ndarray, fmt: str, tmp: Path) -> 
 
 
 def measure(path: Path, data, repeats: int, config=None) -> dict:
-    from qexport.runner import latency, make_session, predict
+    from qexport.onnx.runner import latency, make_session, predict
 
     sess = make_session(str(path), "all", config or {}, threads=2)
     acc = float((predict(sess, data.x_test, 256).argmax(1) == data.y_test).mean() * 100)
@@ -94,8 +94,8 @@ def main() -> None:
     torch.set_num_threads(2)
     from qadmm.data import load_dataset
     from qexport.artifact import Artifact
-    from qexport.cli_onnx import export_onnx
-    from qexport.runner import faithful_config
+    from qexport.cli.onnx import export_onnx
+    from qexport.onnx.runner import faithful_config
 
     data = load_dataset("mnist-10k", DATA, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="bench_onnx_"))

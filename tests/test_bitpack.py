@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qadmm.codes import CodeSet
-from qexport import bitpack
-from qexport.packfile import encoding_for
+from qexport.pack import bitpack
+from qexport.pack.packfile import encoding_for
 
 CODE_SETS = [CodeSet(1, "binary")] + [CodeSet(b, "symmetric") for b in range(2, 9)] + [CodeSet(b, "thesis") for b in range(1, 9)]
 

@@ -11,10 +11,10 @@ from qadmm import methods
 from qadmm.errors import UserError
 from qadmm.spec import QuantSpec
 from qadmm.zoo import build_model
-from qexport import bitpack
+from qexport.pack import bitpack
 from qexport.artifact import save_artifact
-from qexport.c_export import export_c
-from qexport.packfile import load_packed
+from qexport.pack.c_export import export_c
+from qexport.pack.packfile import load_packed
 from test_packfile import make_artifact
 from tests_helpers import cnn_artifact, run_cli
 

@@ -70,8 +70,8 @@ def artifacts(tmp_path_factory, digits, digits_mlp):
 @pytest.fixture(scope="session")
 def exported(artifacts, digits, tmp_path_factory):
     """{(model, bits, form): path of the exported ONNX file}."""
-    from qexport.calibrate import CalibConfig
-    from qexport.cli_onnx import export_onnx
+    from qexport.onnx.calibrate import CalibConfig
+    from qexport.cli.onnx import export_onnx
 
     tmp = tmp_path_factory.mktemp("onnx")
     out = {}
@@ -148,7 +148,7 @@ def test_bn_fold_flips_signs_somewhere(artifacts, exported):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("form", FORMS)
 def test_verify_passes(artifacts, exported, digits, model, bits, form):
-    from qexport.verify import verify
+    from qexport.onnx.verify import verify
 
     rep = verify(str(exported[(model, bits, form)]), artifacts[(model, bits)], digits.x_test[:N_TEST], digits.y_test[:N_TEST])
     assert rep["passed"], json.dumps(rep["runs"], indent=1)
@@ -178,7 +178,7 @@ def test_weights_file_size_follows_bits(artifacts, exported, bits):
 
 def test_graph_contract(exported, artifacts):
     """Every form: checker passes, dynamic batch, metadata, runs at batch 1 and 7 with all optimisations."""
-    from qexport.runner import make_session
+    from qexport.onnx.runner import make_session
 
     for (model, bits, form), path in exported.items():
         if bits != 4:
@@ -202,7 +202,7 @@ def test_graph_contract(exported, artifacts):
 
 def test_qdq_runs_fused_integer_kernels(exported, tmp_path):
     """A profiling run: the qdq ResNet-20 executes QLinearConv/QGemm/QLinearAdd, not float Conv."""
-    from qexport.runner import make_session
+    from qexport.onnx.runner import make_session
 
     sess = make_session(str(exported[("resnet20", 4, "qdq")]), "all", threads=1, profile_prefix=str(tmp_path / "prof"))
     sess.run(None, {"input": np.zeros((2, 1, 8, 8), np.float32)})
@@ -213,7 +213,7 @@ def test_qdq_runs_fused_integer_kernels(exported, tmp_path):
 
 
 def test_thesis_8bit_is_int16_in_weights_and_refused_by_integer_forms(tmp_path, digits, digits_mlp):
-    from qexport.cli_onnx import export_onnx
+    from qexport.cli.onnx import export_onnx
 
     art = make_artifact(tmp_path, digits_mlp, digits, 8, per_channel=False, scheme="thesis")
     m = export_onnx(art, "weights")
@@ -236,7 +236,7 @@ class Swish(nn.Module):
 def test_unsupported_layer_is_named(digits, body, needle):
     from collections import OrderedDict
 
-    from qexport.onnx_graph import trace
+    from qexport.onnx.builder import trace
     from qadmm.zoo import Normalize
 
     model = nn.Sequential(OrderedDict(normalize=Normalize(digits.mean, digits.std), body=body))
@@ -248,7 +248,7 @@ def test_users_own_module_with_residual_and_pooling_exports(digits):
     """A user's block (conv, BN, ReLU, residual add, max/avg pooling, flatten) traces to ops."""
     from collections import OrderedDict
 
-    from qexport.onnx_graph import evaluate, trace
+    from qexport.onnx.builder import evaluate, trace
     from qadmm.zoo import Normalize
 
     class Block(nn.Module):

@@ -12,7 +12,7 @@ from qadmm import methods
 from qadmm.errors import UserError
 from qadmm.spec import QuantSpec
 from qexport.artifact import load_artifact, save_artifact
-from qexport.packfile import pack_artifact, read_packed, unpack_file, write_packed
+from qexport.pack.packfile import pack_artifact, read_packed, unpack_file, write_packed
 from tests_helpers import cnn_artifact, run_cli
 
 CONFIGS = [  # bits, scheme, per_channel, keep_first -> every scheme and stored width 1..9

@@ -15,17 +15,17 @@ FORMS = ("weights", "qdq", "qoperator")
 def export_onnx(art, form: str, x_calib: np.ndarray | None = None, calib=None, progress: bool = False):
     """The ONNX ModelProto of a loaded artifact in one form. Integer forms need training features
     `x_calib` for the activation ranges (`calib`: a `CalibConfig`, default min-max on 8x64)."""
-    from qexport.calibrate import CalibConfig, calibrate
-    from qexport.onnx_graph import trace
+    from qexport.onnx.calibrate import CalibConfig, calibrate
+    from qexport.onnx.builder import trace
 
     if form not in FORMS:
         raise UserError(f"unknown form {form!r}: use one of {', '.join(FORMS)}")
     ops = trace(art.model)
     if form == "weights":
-        from qexport.onnx_weights import export_weights
+        from qexport.onnx.weights import export_weights
 
         return export_weights(art, ops)
-    from qexport.onnx_qoperator import check_int8
+    from qexport.onnx.qoperator import check_int8
 
     check_int8(art)  # refuse before spending time on calibration
     if x_calib is None:
@@ -33,10 +33,10 @@ def export_onnx(art, form: str, x_calib: np.ndarray | None = None, calib=None, p
     calib = calib or CalibConfig()
     qp = calibrate(ops, x_calib, calib, progress)
     if form == "qdq":
-        from qexport.onnx_qdq import export_qdq
+        from qexport.onnx.qdq import export_qdq
 
         return export_qdq(art, ops, qp, calib.describe())
-    from qexport.onnx_qoperator import export_qoperator
+    from qexport.onnx.qoperator import export_qoperator
 
     return export_qoperator(art, ops, qp, calib.describe())
 
@@ -89,7 +89,7 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
     import onnx
 
     from qexport.artifact import load_artifact
-    from qexport.calibrate import CalibConfig
+    from qexport.onnx.calibrate import CalibConfig
     from qexport.fileio import atomic_path, check_output_path
 
     art = load_artifact(artifact)
@@ -97,7 +97,7 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
     check_output_path(out)
     x_calib, cfg = None, None
     if form != "weights":
-        from qexport.onnx_qoperator import check_int8
+        from qexport.onnx.qoperator import check_int8
 
         check_int8(art)
         data = _dataset(art, data_name, data_dir, seed)
@@ -133,8 +133,8 @@ def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report,
     """
     from qexport.artifact import load_artifact
     from qexport.fileio import atomic_path
-    from qexport.verify import Tolerance
-    from qexport.verify import verify as run_verify
+    from qexport.onnx.verify import Tolerance
+    from qexport.onnx.verify import verify as run_verify
 
     art = load_artifact(artifact)
     data = _dataset(art, data_name, data_dir, seed)
@@ -203,7 +203,7 @@ def run(model_path, data_name, data_dir, seed, input_path, output, batch_size, r
     """
     import onnx
 
-    from qexport import runner
+    from qexport.onnx import runner
     from qexport.fileio import atomic_path, check_output_path
 
     if bool(data_name) == bool(input_path):

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from qadmm.errors import UserError
-from qexport.onnx_graph import INPUT, Op, evaluate
+from qexport.onnx.builder import INPUT, Op, evaluate
 
 METHODS = ("minmax", "percentile")
 # Values whose uint8 encoding is inherited from their input (exact in uint8: order-preserving).

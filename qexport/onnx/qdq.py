@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from qexport.calibrate import QParams
-from qexport.onnx_graph import INPUT, OUTPUT, Op, conv_attrs, finish, integer_layer, metadata, normalize_nodes
-from qexport.onnx_qoperator import qname, start_integer_graph
-from qexport.onnx_weights import emit_float_op
+from qexport.onnx.calibrate import QParams
+from qexport.onnx.builder import INPUT, OUTPUT, Op, conv_attrs, finish, integer_layer, metadata, normalize_nodes
+from qexport.onnx.qoperator import qname, start_integer_graph
+from qexport.onnx.weights import emit_float_op
 
 
 def export_qdq(art, ops: list[Op], qp: dict[str, QParams], calib: dict):

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from qadmm.errors import UserError
-from qexport.calibrate import QParams
-from qexport.onnx_graph import INPUT, MS_DOMAIN, OUTPUT, Builder, Op, conv_attrs, finish, integer_layer, metadata, normalize_nodes, pool_attrs
-from qexport.onnx_weights import emit_float_op
+from qexport.onnx.calibrate import QParams
+from qexport.onnx.builder import INPUT, MS_DOMAIN, OUTPUT, Builder, Op, conv_attrs, finish, integer_layer, metadata, normalize_nodes, pool_attrs
+from qexport.onnx.weights import emit_float_op
 
 
 def qname(v: str) -> str:

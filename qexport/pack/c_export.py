@@ -16,9 +16,9 @@ from torch import nn
 
 from qadmm.errors import UserError
 from qadmm.zoo import mlp_layers as zoo_mlp_layers
-from qexport.bitpack import SIGN
+from qexport.pack.bitpack import SIGN
 from qexport.fileio import atomic_path
-from qexport.packfile import Packed
+from qexport.pack.packfile import Packed
 
 TEMPLATES = ("qmodel.h", "qmodel.c", "qmodel_main.c")
 GENERATED = ("qmodel_config.h", "qmodel_weights.h")
@@ -123,7 +123,7 @@ def c_sources(packed: Packed) -> dict[str, str]:
         w.append("")
     w += ["static const qm_layer qm_layers[QMODEL_LAYERS] = {", *table, "};", "", "#endif /* QMODEL_WEIGHTS_H */", ""]
     files = {"qmodel_config.h": "\n".join(cfg), "qmodel_weights.h": "\n".join(w)}
-    tdir = resources.files("qexport") / "c_templates"
+    tdir = resources.files("qexport.pack") / "c_templates"
     for name in TEMPLATES:
         files[name] = (tdir / name).read_text()
     return files

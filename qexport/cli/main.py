@@ -249,18 +249,18 @@ def inspect(path, as_json):
     Example:
       qexport inspect digits-mlp-digits-ptq-4b.qx.safetensors
     """
-    from qexport.inspect import describe
+    from qexport.describe import describe
 
     click.echo(describe(path, as_json))
 
 
-from qexport.cli_onnx import run as _run_cmd, to_onnx as _to_onnx_cmd, verify as _verify_cmd  # noqa: E402
+from qexport.cli.onnx import run as _run_cmd, to_onnx as _to_onnx_cmd, verify as _verify_cmd  # noqa: E402
 
 main.add_command(_to_onnx_cmd)
 main.add_command(_verify_cmd)
 main.add_command(_run_cmd)
 
-from qexport.cli_pack import pack as _pack_cmd, to_c as _to_c_cmd, unpack as _unpack_cmd  # noqa: E402
+from qexport.cli.pack import pack as _pack_cmd, to_c as _to_c_cmd, unpack as _unpack_cmd  # noqa: E402
 
 main.add_command(_pack_cmd)
 main.add_command(_unpack_cmd)

@@ -32,7 +32,7 @@ def pack(artifact, output):
       qexport pack model.qx.safetensors -o model.qpk.safetensors
       qexport inspect model.qpk.safetensors          # bytes per layer against float32
     """
-    from qexport.packfile import pack_file
+    from qexport.pack.packfile import pack_file
 
     out = Path(output) if output else _beside(artifact, ".qpk.safetensors")
     packed = pack_file(artifact, out)
@@ -60,7 +60,7 @@ def unpack(packed, output):
       qexport unpack model.qpk.safetensors
       qexport unpack model.qpk.safetensors -o model.qx.safetensors && qexport to-onnx model.qx.safetensors
     """
-    from qexport.packfile import unpack_file
+    from qexport.pack.packfile import unpack_file
 
     out = Path(output) if output else _beside(packed, ".unpacked.qx.safetensors")
     digest = unpack_file(packed, out)
@@ -85,8 +85,8 @@ def to_c(model, output):
       qexport to-c model.qpk.safetensors -o firmware/model/
       cc -std=c99 -O2 digits-c/qmodel.c digits-c/qmodel_main.c -o qmodel && ./qmodel inputs.txt
     """
-    from qexport.c_export import export_c
-    from qexport.packfile import load_packed
+    from qexport.pack.c_export import export_c
+    from qexport.pack.packfile import load_packed
 
     out = Path(output) if output else _beside(model, "-c")
     packed = load_packed(model)

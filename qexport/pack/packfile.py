@@ -1,6 +1,6 @@
 """The packed binary: an artifact's codes at exactly N bits per weight, in a safetensors file.
 
-Tensors: ``packed/<layer>`` U8, the layer's codes packed by `qexport.bitpack` (ceil(count·N/8)
+Tensors: ``packed/<layer>`` U8, the layer's codes packed by `qexport.pack.bitpack` (ceil(count·N/8)
 bytes); ``scale/<layer>`` F32 (shape () per tensor, (C_out,) per channel); ``float/<name>`` every
 parameter and buffer that is not a quantized weight (biases, BatchNorm, kept layers, the input
 normalisation), with its own dtype. String metadata: ``format``, ``layout_version``,
@@ -25,7 +25,7 @@ from torch import nn
 from qadmm.codes import CodeSet
 from qadmm.errors import UserError
 from qadmm.spec import LayerCodes
-from qexport import bitpack
+from qexport.pack import bitpack
 from qexport.artifact import Artifact, read_header, reference_model, save_artifact
 from qexport.fileio import atomic_path
 

@@ -20,7 +20,7 @@ def _hist(q: torch.Tensor, levels: list[int]) -> str:
 
 def describe(path: str | Path, as_json: bool = False) -> str:
     from qexport.artifact import read_header
-    from qexport.packfile import FORMAT as PACKED_FORMAT, describe_packed
+    from qexport.pack.packfile import FORMAT as PACKED_FORMAT, describe_packed
 
     if read_header(path).get("format") == PACKED_FORMAT:  # a `qexport pack` file
         return describe_packed(path, as_json)

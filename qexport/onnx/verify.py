@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from qadmm.errors import UserError
-from qexport.calibrate import PASS_THROUGH, QParams
-from qexport.onnx_graph import INPUT, OUTPUT, Op, apply_op, evaluate, integer_layer, read_metadata, trace
-from qexport.onnx_qoperator import qname
-from qexport.runner import SATURATION_SAFE_CODE, cpu_has_vnni, max_code
+from qexport.onnx.calibrate import PASS_THROUGH, QParams
+from qexport.onnx.builder import INPUT, OUTPUT, Op, apply_op, evaluate, integer_layer, read_metadata, trace
+from qexport.onnx.qoperator import qname
+from qexport.onnx.runner import SATURATION_SAFE_CODE, cpu_has_vnni, max_code
 
 FORMS = ("weights", "qdq", "qoperator")
 
@@ -187,7 +187,7 @@ def check_initializers(model, art, ops: list[Op], qp: dict[str, QParams] | None,
 def _settings(form: str, model) -> dict[str, tuple[str, dict[str, str]]]:
     """Session settings verified: optimisations off, all on (with what keeps `weights` faithful),
     and for `weights` the plain defaults (reported, not judged)."""
-    from qexport.runner import faithful_config  # noqa: I001
+    from qexport.onnx.runner import faithful_config  # noqa: I001
 
     out = {"optimizations_off": ("disable", {}), "optimizations_all": ("all", faithful_config(model))}
     if form == "weights":
@@ -211,7 +211,7 @@ def _with_outputs(model, names: list[str], elem_type: int):
 
 
 def _run(model, level: str, config: dict, x: np.ndarray, batch_size: int, names: list[str] | None = None, elem_type: int = 1):
-    from qexport.runner import make_session
+    from qexport.onnx.runner import make_session
 
     m = _with_outputs(model, names, elem_type) if names else model
     sess = make_session(m.SerializeToString(), level=level, config=config, threads=0)

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 
 from qadmm.spec import LayerCodes
-from qexport.onnx_graph import Builder, Op, conv_attrs, finish, metadata, normalize_nodes, pool_attrs
+from qexport.onnx.builder import Builder, Op, conv_attrs, finish, metadata, normalize_nodes, pool_attrs
 
 # (ONNX type name, numpy dtype, largest |code| it holds symmetrically)
 INT_TYPES = (("INT2", ml_dtypes.int2, 1), ("INT4", ml_dtypes.int4, 7), ("INT8", np.int8, 127), ("INT16", np.int16, 32767))

@@ -1,0 +1,1 @@
+"""ONNX export: the graph builder, the three forms, activation calibration, the verifier and the runner."""
