@@ -263,6 +263,17 @@ def load_dataset(
         path, name = Path(name), name.rsplit(".", 1)[1]
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     xtv, ytv, xte, yte, info = _load_raw(name, data_dir, path, label_column, seed)
+    if label_column:
+        info["label_column"] = label_column
+    return from_arrays(name, xtv, ytv, xte, yte, info, seed, val_fraction)
+
+
+def from_arrays(name: str, xtv: np.ndarray, ytv: np.ndarray, xte: np.ndarray, yte: np.ndarray, info: dict | None = None,
+                seed: int = 0, val_fraction: float = 0.1) -> Dataset:
+    """A Dataset from train and test arrays (features (N, ...), labels 0..C-1): a stratified
+    `val_fraction` of the training rows is held out, the normalisation statistics fitted on the rest."""
+    xtv, xte = np.asarray(xtv, np.float32), np.asarray(xte, np.float32)
+    ytv, yte = np.asarray(ytv).astype(np.int64), np.asarray(yte).astype(np.int64)
     _check(xtv, ytv, f"dataset {name!r} (train)")
     _check(xte, yte, f"dataset {name!r} (test)")
     if xtv.shape[1:] != xte.shape[1:]:
@@ -278,5 +289,5 @@ def load_dataset(
     mean = xtr.mean(axis=axes, keepdims=True)[0].astype(np.float32)
     std = xtr.std(axis=axes, keepdims=True)[0].astype(np.float32)
     std = np.where(std < 1e-6, 1.0, std).astype(np.float32)
-    info = {**info, "seed": seed, "val_fraction": val_fraction}
+    info = {**(info or {}), "seed": seed, "val_fraction": val_fraction}
     return Dataset(name, xtr, ytr, xva, yva, xte, yte, num_classes, mean, std, info)

@@ -14,36 +14,38 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qadmm.codes import fit
+from qadmm.codes import CodeSet, fit
 from qadmm.data import Dataset
-from qadmm.layers import quantizable_layers
+from qadmm.layers import select_layers
 from qadmm.spec import LayerCodes, QuantSpec, apply_codes
 from qadmm.train import device_of, evaluate, seed_everything, train_epoch
 
 
 @dataclass
 class Projector:
-    """Projects the quantizable layers of `model` onto the code set, warm-starting each α from the
-    previous call (the fast path of the alternating fit)."""
+    """Projects the selected layers of `model` onto their code sets (`QuantSpec.codes_for`),
+    warm-starting each α from the previous call (the fast path of the alternating fit)."""
 
     model: nn.Module
     spec: QuantSpec
     names: list[str] = field(init=False)
+    codes: dict[str, CodeSet] = field(init=False)
     alphas: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.names = [n for n, _ in quantizable_layers(self.model, self.spec.keep_first, self.spec.keep_last)]
+        self.names = [n for n, _ in select_layers(self.model, self.spec)]
+        self.codes = {n: self.spec.codes_for(n) for n in self.names}
         self.modules = dict(self.model.named_modules())
         for n in self.names:  # the full multi-start fit once, then warm starts
-            self.alphas[n] = fit(self.modules[n].weight.detach(), self.spec.codes, self.spec.per_channel).alpha
+            self.alphas[n] = fit(self.modules[n].weight.detach(), self.codes[n], self.spec.per_channel).alpha
 
     def __call__(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, LayerCodes]:
         out = {}
         for n in self.names:
             w = (weights or {}).get(n, self.modules[n].weight).detach()
-            f = fit(w, self.spec.codes, self.spec.per_channel, alpha0=self.alphas[n], max_iter=5)
+            f = fit(w, self.codes[n], self.spec.per_channel, alpha0=self.alphas[n], max_iter=5)
             self.alphas[n] = f.alpha
-            out[n] = LayerCodes(f.q, f.alpha, self.spec.codes)
+            out[n] = LayerCodes(f.q, f.alpha, self.codes[n])
         return out
 
     def quantized_copy(self) -> tuple[nn.Module, dict[str, LayerCodes]]:

@@ -1,9 +1,12 @@
 """What a layer sees: its inputs on calibration data, as the rows of the matrix its weight multiplies.
 
 Calibration-only back-ends (GPTQ, LDNQ, bias correction) reason about one layer at a time through
-its output Y = W X: for a Linear layer X holds the input vectors, for a Conv2d the unfolded patches
-(C_in·k·k values per output position, zero padding included), so the weight is read as a matrix
-(C_out, C_in·k·k) and everything is a matrix product. The inputs come from running the *current*
+its output Y = W X: for a Linear layer X holds the input vectors, for a Conv1d/Conv2d the unfolded
+patches (C_in·k or C_in·k·k values per output position, padding included, whatever its mode), so the
+weight is read as a matrix (C_out, C_in·k·k) and everything is a matrix product. A grouped convolution
+(groups = g) is g such products side by side: output channels of group i see only the columns of
+input-channel group i, so its weight matrix is (C_out, C_in/g·k·k) with rows in groups of C_out/g, and
+its input Hessian is one (d/g, d/g) block per group. The inputs come from running the *current*
 model, so a layer quantized after others sees the outputs of the already-quantized layers before it.
 """
 from __future__ import annotations
@@ -19,32 +22,60 @@ class _Stop(Exception):
     """Raised from a hook once the layer's input is captured: the rest of the forward pass is not needed."""
 
 
-def supports_matrix(m: nn.Module) -> bool:
-    """Whether `m` reads as one matrix product on patches (groups=1, zero padding)."""
-    if isinstance(m, nn.Linear):
-        return True
-    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+def groups(m: nn.Module) -> int:
+    """Independent input/output channel groups of a layer (1 for Linear)."""
+    return int(getattr(m, "groups", 1))
 
 
-def _padding(m: nn.Conv2d) -> tuple[int, int]:
+def _pads(m: nn.Conv1d | nn.Conv2d) -> list[int]:
+    """The F.pad amounts (last dimension first, left then right) of PyTorch's own forward pass;
+    'same' pads the extra element of an even kernel on the right, as PyTorch does."""
     if m.padding == "valid":
-        return (0, 0)
-    if m.padding == "same":  # stride 1 (PyTorch's own rule); odd kernels pad symmetrically
-        return tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size))  # type: ignore[return-value]
-    return tuple(m.padding)  # type: ignore[return-value]
+        return [0] * (2 * len(m.kernel_size))
+    pads: list[int] = []
+    for i in reversed(range(len(m.kernel_size))):
+        if m.padding == "same":  # stride 1 (PyTorch's own rule)
+            total = m.dilation[i] * (m.kernel_size[i] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [m.padding[i], m.padding[i]]
+    return pads
 
 
 def as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows (samples × patch positions, C_in·k·k or in_features), float32."""
+    """The layer's input as rows (samples × output positions, in_features or C_in·k(·k)), float32."""
     if isinstance(m, nn.Linear):
         return x.reshape(-1, x.shape[-1]).float()
-    cols = F.unfold(x.float(), m.kernel_size, m.dilation, _padding(m), m.stride)  # (N, C·k·k, L)
+    x = x.float()
+    if x.dim() == len(m.kernel_size) + 1:  # an unbatched input
+        x = x.unsqueeze(0)
+    pads = _pads(m)
+    if any(pads):
+        x = F.pad(x, pads, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+    kernel, dilation, stride = m.kernel_size, m.dilation, m.stride
+    if isinstance(m, nn.Conv1d):  # a Conv1d is a Conv2d over a height-1 image
+        x, kernel, dilation, stride = x.unsqueeze(2), (1, *kernel), (1, *dilation), (1, *stride)
+    cols = F.unfold(x, kernel, dilation, 0, stride)  # (N, C·k·k, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def weight_matrix(m: nn.Module) -> torch.Tensor:
-    """The weight as (C_out, C_in·k·k): the layout `as_rows` multiplies."""
+    """The weight as (C_out, C_in/groups·k·k): the layout `as_rows` multiplies, group by group."""
     return m.weight.detach().reshape(m.weight.shape[0], -1)
+
+
+def times_hessian(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """W·H for a weight matrix W (out, d) and an input Hessian H: (d, d), or (g, d, d) per group
+    (the rows of W in g consecutive groups)."""
+    if h.dim() == 2:
+        return w @ h
+    return (w.reshape(len(h), -1, w.shape[1]) @ h).reshape(w.shape)
+
+
+def times_input(w: torch.Tensor, v: torch.Tensor, n_groups: int = 1) -> torch.Tensor:
+    """W·v for a weight matrix W (out, d) and an input row v (n_groups·d): each group of rows of W
+    multiplies its own slice of v."""
+    return (w.reshape(n_groups, -1, w.shape[1]) @ v.reshape(n_groups, -1, 1)).reshape(-1)
 
 
 def for_each_input(model: nn.Module, layer: nn.Module, x: torch.Tensor, fn: Callable[[torch.Tensor], None],
@@ -72,11 +103,17 @@ def for_each_input(model: nn.Module, layer: nn.Module, x: torch.Tensor, fn: Call
 
 def input_hessian(model: nn.Module, layer: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """H = XᵀX / n over the layer's input rows (float64, (d, d)): the curvature of the layer's
-    output reconstruction error ‖(W − Ŵ)X‖² / n = tr((W − Ŵ) H (W − Ŵ)ᵀ)."""
+    output reconstruction error ‖(W − Ŵ)X‖² / n = tr((W − Ŵ) H (W − Ŵ)ᵀ). For a grouped convolution
+    one block per group, (groups, d/groups, d/groups): the cross-group blocks never meet a weight."""
+    g = groups(layer)
     acc: dict[str, torch.Tensor | int] = {"h": 0, "n": 0}
 
     def add(rows: torch.Tensor) -> None:  # float32 products per batch (4x faster), float64 running sum
-        acc["h"] = acc["h"] + (rows.T @ rows).double()
+        if g == 1:
+            acc["h"] = acc["h"] + (rows.T @ rows).double()
+        else:
+            r = rows.reshape(len(rows), g, -1).transpose(0, 1)  # (g, n, d/g)
+            acc["h"] = acc["h"] + (r.transpose(1, 2) @ r).double()
         acc["n"] = int(acc["n"]) + len(rows)
 
     for_each_input(model, layer, x, add, batch_size)

@@ -2,23 +2,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import torch
-
 from torch import nn
 
-QUANTIZABLE = (nn.Linear, nn.Conv2d)
+from qadmm.errors import UserError
+from qadmm.spec import QuantSpec
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def quantizable_layers(model: nn.Module, keep_first: bool = False, keep_last: bool = False) -> list[tuple[str, nn.Module]]:
-    """Linear and Conv2d layers in registration (= forward, for the zoo) order, minus the first
-    and/or last when asked to keep them float."""
+def select_layers(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs to quantize, in registration (= forward, for the zoo) order: the
+    Linear/Conv1d/Conv2d layers minus the first and/or last when kept float and minus those matching
+    `spec.exclude`. A `layer_bits` or `exclude` pattern that matches none of the model's quantizable
+    layers (kept ones included) is a UserError: a typo would otherwise quietly change nothing."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-    if keep_first and layers:
+    names = [n for n, _ in layers]
+    for what, patterns in (("layer_bits", list(spec.layer_bits)), ("exclude", list(spec.exclude))):
+        for pattern in patterns:
+            if not any(fnmatchcase(n, pattern) for n in names):
+                shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+                raise UserError(f"{what} pattern {pattern!r} matches no quantizable layer of this model "
+                                f"(its layers: {shown or 'none'}): use one of these names or a glob such as 'body.*'")
+    if spec.keep_first and layers:
         layers = layers[1:]
-    if keep_last and layers:
+    if spec.keep_last and layers:
         layers = layers[:-1]
-    return layers
+    return [(n, m) for n, m in layers if not any(fnmatchcase(n, pat) for pat in spec.exclude)]
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Layers in forward order; each is solved on its input Hessian H (from the calibration images run
 through the network whose earlier layers are already quantized), written as α·Q, and optionally
 followed by a BatchNorm re-estimation so the next layer sees the statistics it will be deployed with.
-A layer that does not read as one matrix product (grouped convolution, non-zero padding) gets the
-nearest-rounding fit and says so in the log.
+Each layer gets its own code set (`QuantSpec.codes_for`); a grouped convolution comes with one
+Hessian block per group (`layer_inputs`), which the solvers take as it is.
 """
 from __future__ import annotations
 
@@ -16,19 +16,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qadmm.codes import ZERO_SCALE, CodeSet, fit
-from qadmm.layer_inputs import input_hessian, supports_matrix, weight_matrix
-from qadmm.layers import quantizable_layers
+from qadmm.layer_inputs import input_hessian, times_hessian, weight_matrix
+from qadmm.layers import select_layers
 from qadmm.recalibrate import reestimate_bn
 from qadmm.spec import LayerCodes, QuantSpec
 
-# solve(W (out, d), H (d, d)) -> (codes (out, d) as float integers, α (out,) or (1,), log)
-Solver = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
+# solve(W (out, d), H (d, d) or (groups, d, d), code set) -> (codes (out, d) as float integers, α (out,) or (1,), log)
+Solver = Callable[[torch.Tensor, torch.Tensor, CodeSet], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
-    """tr(ΔW H ΔWᵀ): the mean squared output error of a weight change ΔW (out, d) on inputs with H = XᵀX/n."""
+    """tr(ΔW H ΔWᵀ): the mean squared output error of a weight change ΔW (out, d) on inputs with H = XᵀX/n
+    (summed over the groups when H holds one block per group)."""
     dw = dw.double()
-    return float(((dw @ h) * dw).sum())
+    return float((times_hessian(dw, h) * dw).sum())
 
 
 def layer_codes(q: torch.Tensor, alpha: torch.Tensor, shape: torch.Size, codes: CodeSet, per_channel: bool) -> LayerCodes:
@@ -42,23 +43,19 @@ def walk(model: nn.Module, x: torch.Tensor, spec: QuantSpec, solve: Solver, desc
     """Quantize `model`'s layers in place, in forward order, with `solve`; returns the codes and a per-layer
     log (relative output errors of nearest rounding and of the solver, the solver's own log, seconds).
     `after(name)` runs once a layer is fixed (e.g. a retraining of the later layers) and adds to its log."""
-    codes = spec.codes
     layers: dict[str, LayerCodes] = {}
     history = []
-    for name, m in tqdm(quantizable_layers(model, spec.keep_first, spec.keep_last), desc=desc, disable=not spec.progress):
+    for name, m in tqdm(select_layers(model, spec), desc=desc, disable=not spec.progress):
         t0 = time.time()
+        codes = spec.codes_for(name)
         nearest = fit(m.weight.detach(), codes, spec.per_channel)
-        if not supports_matrix(m):
-            layers[name] = LayerCodes(nearest.q, nearest.alpha, codes)
-            log: dict = {"rule": "nearest (layer kind not supported)"}
-        else:
-            w = weight_matrix(m)
-            h = input_hessian(model, m, x)
-            q, alpha, solver_log = solve(w, h)
-            layers[name] = layer_codes(q, alpha, m.weight.shape, codes, spec.per_channel)
-            base = max(output_error(w, h), 1e-30)
-            log = {"out_err_nearest": output_error(w - nearest.dequantize().reshape(len(w), -1), h) / base,
-                   "out_err": output_error(w - layers[name].weight().reshape(len(w), -1), h) / base, **solver_log}
+        w = weight_matrix(m)
+        h = input_hessian(model, m, x)
+        q, alpha, solver_log = solve(w, h, codes)
+        layers[name] = layer_codes(q, alpha, m.weight.shape, codes, spec.per_channel)
+        base = max(output_error(w, h), 1e-30)
+        log = {"out_err_nearest": output_error(w - nearest.dequantize().reshape(len(w), -1), h) / base,
+               "out_err": output_error(w - layers[name].weight().reshape(len(w), -1), h) / base, **solver_log}
         with torch.no_grad():
             m.weight.copy_(layers[name].weight())
         if after is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qadmm.layer_inputs import input_mean, supports_matrix
+from qadmm.layer_inputs import groups, input_mean, times_input
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -69,11 +69,11 @@ def correct_bias(model: nn.Module, float_weights: dict[str, torch.Tensor], x: to
     done = []
     for name, w in float_weights.items():
         m = modules[name]
-        if name in skip or getattr(m, "bias", None) is None or not supports_matrix(m):
+        if name in skip or getattr(m, "bias", None) is None:
             continue
         mean_x = input_mean(model, m, x, batch_size)  # E[x] with the quantized layers before it
         dw = (w.reshape(w.shape[0], -1) - m.weight.reshape(w.shape[0], -1)).double()
-        m.bias += (dw @ mean_x).to(m.bias.dtype)  # E[Wx] − E[Ŵx]
+        m.bias += times_input(dw, mean_x, groups(m)).to(m.bias.dtype)  # E[Wx] − E[Ŵx]
         done.append(name)
     return done
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
 import torch
@@ -16,13 +17,20 @@ P = TypeVar("P")
 
 @dataclass
 class QuantSpec:
-    """The user's request: code set, scale granularity, which layers, seed, method overrides."""
+    """The user's request: code set, scale granularity, which layers, seed, method overrides.
+
+    Layer patterns (`layer_bits`, `exclude`) are fnmatch globs on the qualified module names of
+    `model.named_modules()` ("body.0", "features.*", "fc"); `qadmm.layers.select_layers` applies them.
+    An excluded (or kept) layer stays float whatever `layer_bits` says about it.
+    """
 
     bits: int = 4
     scheme: str | None = None  # None: binary at 1 bit, symmetric otherwise
     per_channel: bool = False
-    keep_first: bool = False  # leave the first Linear/Conv2d float
-    keep_last: bool = False  # leave the last Linear/Conv2d float
+    keep_first: bool = False  # leave the first quantizable layer float
+    keep_last: bool = False  # leave the last quantizable layer float
+    layer_bits: dict[str, int] = field(default_factory=dict)  # pattern -> bits for matching layers; first match wins
+    exclude: tuple[str, ...] = ()  # patterns of layers left float
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)  # method hyperparameters overriding its defaults
     progress: bool = True
@@ -31,12 +39,49 @@ class QuantSpec:
     bias_correction: bool | None = None  # Nagel et al. 2019 bias correction of layers without BatchNorm after them; None: the method's default
     device: str = "cpu"  # where training-based back-ends run ("cuda" when present); results come back on the CPU
 
+    def __post_init__(self) -> None:
+        # a bare string would be read as one pattern per character
+        self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude or ())
+        self.layer_bits = dict(self.layer_bits or {})
+
     @property
     def codes(self) -> CodeSet:
+        """The code set of every layer that no `layer_bits` pattern names."""
         try:
             return CodeSet(self.bits, self.scheme) if self.scheme else CodeSet.default(self.bits)
         except ValueError as e:
             raise UserError(str(e)) from None
+
+    def codes_for(self, name: str) -> CodeSet:
+        """The code set of layer `name`: `codes`, or for a layer named in `layer_bits` its own width with
+        the spec's scheme where that scheme allows the width (else the default: binary at 1 bit)."""
+        match = next(((pat, b) for pat, b in self.layer_bits.items() if fnmatchcase(name, pat)), None)
+        if match is None:
+            return self.codes
+        pattern, bits = match
+        _check_bits(pattern, bits)
+        if self.scheme:
+            try:
+                return CodeSet(bits, self.scheme)
+            except ValueError:
+                pass
+        return CodeSet.default(bits)
+
+    def describe_codes(self) -> str:
+        """The default code set in words, and whether some layers have their own width."""
+        return self.codes.describe() + (f" (+ per-layer bits {self.layer_bits})" if self.layer_bits else "")
+
+    def validate(self) -> None:
+        """Refuse a bad code set, bit width or pattern before any work (patterns are matched later,
+        against the model, by `qadmm.layers.select_layers`)."""
+        self.codes
+        for pattern, bits in self.layer_bits.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise UserError(f"layer_bits pattern {pattern!r} is not a layer name or glob: use e.g. 'body.0' or 'features.*'")
+            _check_bits(pattern, bits)
+        for pattern in self.exclude:
+            if not isinstance(pattern, str) or not pattern:
+                raise UserError(f"exclude pattern {pattern!r} is not a layer name or glob: use e.g. 'body.0' or 'features.*'")
 
     def resolve(self, params_cls: type[P]) -> P:
         """The method's hyperparameter dataclass with this spec's overrides, unknown keys refused."""
@@ -54,6 +99,11 @@ class QuantSpec:
             if isinstance(default, bool) and isinstance(v, str):
                 kw[k] = v.lower() in ("1", "true", "yes", "on")
         return params_cls(**kw)
+
+
+def _check_bits(pattern: str, bits: object) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise UserError(f"layer_bits {pattern}={bits!r}: a bit width must be an integer from 1 to 8, e.g. {pattern}=8")
 
 
 @dataclass

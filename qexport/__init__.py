@@ -1,2 +1,20 @@
-"""qexport: quantized PyTorch models to ONNX and bit-packed binaries, with a verifier."""
-__version__ = "0.1.0"
+"""qexport: quantized PyTorch models to ONNX and bit-packed binaries, with a verifier.
+
+The Python API (`qexport.api`): `quantize`, `load`, `to_onnx`, `verify`, `load_data`; imported
+on first use so that `qexport --help` stays fast.
+"""
+__version__ = "0.2.0"
+
+__all__ = ["quantize", "load", "to_onnx", "verify", "load_data"]
+
+
+def __getattr__(name: str):
+    if name in ("quantize", "load", "to_onnx", "verify"):
+        from qexport import api
+
+        return getattr(api, name)
+    if name == "load_data":
+        from qadmm.data import load_dataset
+
+        return load_dataset
+    raise AttributeError(f"module 'qexport' has no attribute {name!r}")

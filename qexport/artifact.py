@@ -3,9 +3,12 @@
 Tensors:  ``codes/<layer>`` int8 (int16 for the thesis scheme at 8 bits), ``scale/<layer>``
 float32 (shape () or (C_out,)), ``float/<name>`` every float parameter and buffer that is not a
 quantized weight (biases, BatchNorm, kept layers, the input normalisation).
-Metadata: ``format``, ``version`` and ``qexport`` (JSON: architecture, preprocessing, per-layer
-code sets, method and hyperparameters, dataset and seed, accuracies, versions), and
-``content_sha256`` over all tensors and that JSON.
+Metadata: ``format``, ``version`` and ``qexport`` (JSON: the traced graph, architecture,
+preprocessing, per-layer code sets, method and hyperparameters, dataset and seed, accuracies,
+versions), and ``content_sha256`` over all tensors and that JSON.
+
+The graph (`qexport.graph`) makes the file self-contained: loading rebuilds the model from it and
+never imports or calls anything the file names. Version 1 files (no graph) load for zoo models.
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ from torch import nn
 from qadmm.codes import CodeSet
 from qadmm.errors import UserError
 from qadmm.spec import LayerCodes, apply_codes
-from qadmm.zoo import build_model
+from qadmm.zoo import NAMES, build_model
 from qexport.fileio import atomic_path
+from qexport.graph import Graph, GraphModel
 
 FORMAT = "qexport-artifact"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -38,6 +42,22 @@ class Artifact:
     layers: dict[str, LayerCodes]
     meta: dict[str, Any]
     sha256: str
+    graph: Graph  # the traced graph, bound to `model`
+
+    @classmethod
+    def create(cls, model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str, Any], graph: Graph) -> "Artifact":
+        """The artifact exactly as `save` writes and `load_artifact` reads it back (same model,
+        same content hash), from a quantized model, its codes, metadata and traced graph."""
+        tensors, meta_json, full = pack_tensors(model, layers, meta, graph)
+        floats = {k[len("float/"):]: v for k, v in tensors.items() if k.startswith("float/")}
+        kept = {name: layers[name] for name in full["layers"]}
+        ref = reference_model(full, floats, kept, "artifact")
+        return cls(ref, kept, full, content_hash(tensors, meta_json), ref.graph)
+
+    def save(self, path: str | Path) -> str:
+        """Write the artifact (atomically); returns its content hash."""
+        meta = {k: v for k, v in self.meta.items() if k not in ("graph", "layers")}
+        return save_artifact(path, self.model, self.layers, meta, self.graph)
 
     @property
     def bits_summary(self) -> str:
@@ -55,45 +75,70 @@ def content_hash(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
     return h.hexdigest()
 
 
-def model_from_meta(meta: dict[str, Any]) -> nn.Module:
-    arch = meta["architecture"]
-    shape = tuple(arch["input_shape"])
-    pre = meta["preprocessing"]
-    return build_model(arch["model"], shape, arch["num_classes"], torch.tensor(pre["mean"]), torch.tensor(pre["std"]))
+def model_from_meta(meta: dict[str, Any], where: str) -> nn.Module:
+    """The float model a file describes, from its stored graph (no code is imported), or for a
+    version-1 file without one, from the zoo name it records."""
+    if "graph" in meta:
+        return GraphModel(Graph.from_json(meta["graph"], where))
+    arch, pre = meta.get("architecture", {}), meta.get("preprocessing", {})
+    if arch.get("model") not in NAMES:
+        raise UserError(f"{where} has no stored graph and names model {arch.get('model')!r}, which is not in qexport's "
+                        f"zoo; qexport never imports code a file names: re-create the file with this qexport")
+    return build_model(arch["model"], tuple(arch["input_shape"]), arch["num_classes"], torch.tensor(pre["mean"]),
+                       torch.tensor(pre["std"]))
 
 
 def reference_model(meta: dict[str, Any], floats: dict[str, torch.Tensor], layers: dict[str, LayerCodes],
                     where: str) -> nn.Module:
     """The fake-quant reference (W = α·Q exactly) from metadata, float tensors and codes; a
-    UserError naming `where` when the tensors do not fit the architecture."""
-    model = model_from_meta(meta)
+    UserError naming `where` when the tensors do not fit the graph."""
+    model = model_from_meta(meta, where)
     state = {**floats, **{f"{name}.weight": lc.weight() for name, lc in layers.items()}}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{where}: tensors do not match architecture {meta['architecture'].get('model')!r} "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the file is corrupted")
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    wrong = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise UserError(f"{where}: tensors do not match the stored model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                        f"wrong shape {wrong[:3]}); the file is corrupted")
+    model.load_state_dict(state)
     apply_codes(model, layers)
     return model.eval()
 
 
-def save_artifact(path: str | Path, model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str, Any]) -> str:
-    """Write the artifact atomically; returns its content hash. `meta` must hold `architecture`
-    and `preprocessing`; the per-layer code sets are added here."""
+def pack_tensors(model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str, Any],
+                 graph: Graph) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """(tensors, metadata JSON, metadata) of an artifact: the float tensors the graph uses (not
+    the quantized weights), codes and scales, and `meta` with the graph and per-layer code sets."""
     tensors: dict[str, torch.Tensor] = {}
+    state = model.state_dict()
+    used = GraphModel(graph).state_dict()
+    layers = {name: lc for name, lc in layers.items() if f"{name}.weight" in used}
     quantized_weights = {f"{name}.weight" for name in layers}
-    for name, t in model.state_dict().items():
+    for name in used:
+        if name not in state:
+            raise AssertionError(f"the graph uses {name}, which the model does not have")
+        t = state[name]
         if name not in quantized_weights:
             tensors[f"float/{name}"] = t.detach().to(torch.float32 if t.is_floating_point() else t.dtype).contiguous().clone()
     for name, lc in layers.items():
         tensors[f"codes/{name}"] = lc.q.to(lc.codes.storage_dtype).contiguous()
         tensors[f"scale/{name}"] = lc.alpha.to(torch.float32).contiguous()
     meta = dict(meta)
+    meta["graph"] = graph.to_json()
     meta["layers"] = {
         name: {"shape": list(lc.q.shape), "bits": lc.codes.bits, "scheme": lc.codes.scheme,
                "granularity": "per_channel" if lc.per_channel else "per_tensor", "storage_bits": lc.codes.storage_bits}
         for name, lc in layers.items()
     }
-    meta_json = json.dumps(meta, sort_keys=True)
+    return tensors, json.dumps(meta, sort_keys=True), meta
+
+
+def save_artifact(path: str | Path, model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str, Any],
+                  graph: Graph) -> str:
+    """Write the artifact atomically; returns its content hash. `graph` is `model` traced (see
+    `qexport.graph.trace`); the model's tensors the graph does not use are not saved."""
+    tensors, meta_json, _ = pack_tensors(model, layers, meta, graph)
     digest = content_hash(tensors, meta_json)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION), "qexport": meta_json, "content_sha256": digest})
@@ -140,4 +185,13 @@ def load_artifact(path: str | Path) -> Artifact:
     floats = {k[len("float/"):]: v for k, v in tensors.items() if k.startswith("float/")}
     layers = {name: LayerCodes(tensors[f"codes/{name}"], tensors[f"scale/{name}"], CodeSet(info["bits"], info["scheme"]))
               for name, info in meta["layers"].items()}
-    return Artifact(reference_model(meta, floats, layers, str(path)), layers, meta, digest)
+    model = reference_model(meta, floats, layers, str(path))
+    graph = model.graph if isinstance(model, GraphModel) else trace_zoo(model, meta)
+    return Artifact(model, layers, meta, digest, graph)
+
+
+def trace_zoo(model: nn.Module, meta: dict[str, Any]) -> Graph:
+    """The graph of a version-1 artifact's zoo model (qexport's own code, traced on load)."""
+    from qexport.graph import trace
+
+    return trace(model, tuple(meta["architecture"]["input_shape"]))

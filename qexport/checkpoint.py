@@ -18,8 +18,15 @@ FORMAT = "qexport-checkpoint"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write `path` (safetensors) and `path` with suffix .json (the card), both atomically."""
+    """Write `path` (safetensors) and `path` with suffix .json (the card), both atomically. A
+    model that is not from the zoo has its traced graph recorded, so loading imports nothing."""
+    from qadmm.zoo import NAMES
+    from qexport.graph import trace
+
     path = Path(path)
+    arch = meta.get("architecture", {})
+    if arch.get("model") not in NAMES and "graph" not in meta:
+        meta = {**meta, "graph": trace(model, tuple(arch["input_shape"])).to_json()}
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "version": "1", "qexport": json.dumps(meta, sort_keys=True)})
@@ -36,8 +43,10 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise UserError(f"{path} is not a qexport float checkpoint (make one with `qexport train`, or pass "
                         "--model package.module:factory with your own --checkpoint)")
     meta = json.loads(header["qexport"])
-    model = model_from_meta(meta)
-    model.load_state_dict(load_file(str(path)))
+    model = model_from_meta(meta, str(path))
+    from qexport.workflow import unwrap_state
+
+    model.load_state_dict(unwrap_state(load_file(str(path)), model, str(path)))
     return model, meta
 
 

@@ -1,8 +1,15 @@
-"""The steps every command shares: load the data, get the float model (checkpoint or trained here),
-describe the preprocessing. Used by the CLI and the benchmarks alike."""
+"""The steps the CLI commands share: load the data, get the float model (a qexport checkpoint, a
+user's factory with their weights, or a zoo model trained here). Used by the CLI and benchmarks."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 import time
+from pathlib import Path
+
+import torch
+from torch import nn
 
 from qadmm.errors import UserError
 
@@ -11,32 +18,97 @@ def default_epochs(dataset_name: str) -> int:
     return {"seeds": 300, "pendigits": 150, "digits": 100}.get(dataset_name, 30)
 
 
+def user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A user's model from `module:factory` (importable, or a module in the current directory) or
+    `path/to/file.py:factory`; the factory is called with input_shape= and num_classes= when it
+    takes them, else with no arguments. Only ever called for code the user names on the command
+    line: nothing read from a file is imported."""
+    target, _, fn_name = spec.rpartition(":")
+    if not target or not fn_name:
+        raise UserError(f"--model {spec!r}: write module:factory or path/to/file.py:factory")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise UserError(f"--model {spec!r}: file {path} not found")
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules.setdefault(path.stem, module)
+            mod_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))  # `mycnn:make` from the current directory, as `python -m` would
+            module = importlib.import_module(target)
+        fn = getattr(module, fn_name)
+    except UserError:
+        raise
+    except (ImportError, AttributeError, SyntaxError) as e:
+        raise UserError(f"cannot load model factory {spec!r}: {e} (use module:factory or path/to/file.py:factory)") from None
+    try:
+        model = fn(input_shape=input_shape, num_classes=num_classes)
+    except TypeError:
+        model = fn()
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def unwrap_state(state: dict, model: nn.Module, where: str) -> dict[str, torch.Tensor]:
+    """A state_dict as people save them: `{'state_dict': ...}` / `{'model': ...}` wrappers and the
+    `module.` prefix of DataParallel are removed; key mismatches are named in full."""
+    for key in ("state_dict", "model_state_dict", "model"):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    want = set(model.state_dict())
+    if not want & set(state) and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{where} holds non-tensor entries {[k for k, v in state.items() if not isinstance(v, torch.Tensor)][:4]}: "
+                        "save model.state_dict()")
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    shapes = {k: (tuple(v.shape), tuple(model.state_dict()[k].shape)) for k, v in state.items()
+              if k in want and tuple(v.shape) != tuple(model.state_dict()[k].shape)}
+    if missing or unexpected or shapes:
+        parts = [f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}" if missing else "",
+                 f"unexpected {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}" if unexpected else "",
+                 "shape " + ", ".join(f"{k} {a} vs model {b}" for k, (a, b) in list(shapes.items())[:4]) if shapes else ""]
+        raise UserError(f"{where} does not fit the model: {'; '.join(p for p in parts if p)}")
+    return state
+
+
 def float_model(data, model_name: str | None, checkpoint: str | None, seed: int, epochs: int | None, lr: float,
-                batch_size: int, patience: int, progress: bool):
+                batch_size: int, patience: int, progress: bool, normalize=None):
     """The float model to quantize: a qexport checkpoint, a user's factory + state_dict, or a zoo
-    model trained here. Returns (model, architecture dict, float-training info)."""
+    model trained here. Returns (model, model name, float-model info). A user's model gets no
+    normalisation here: `normalize` (none | fit | MEAN,STD) is applied by `qexport.api.quantize`,
+    or, when the model is trained here, before training."""
     from qadmm.train import TrainConfig, accuracy, seed_everything, train_epochs
-    from qadmm.zoo import build_model, default_model
+    from qadmm.zoo import NAMES, build_model, default_model
+    from qexport import api
     from qexport.checkpoint import load_checkpoint, load_user_state
 
-    if checkpoint and not (model_name and ":" in model_name):
+    user = bool(model_name and model_name not in NAMES and ":" in model_name)
+    if checkpoint and not user:
         model, meta = load_checkpoint(checkpoint)
         arch = meta["architecture"]
         if tuple(arch["input_shape"]) != data.input_shape or arch["num_classes"] != data.num_classes:
             raise UserError(f"checkpoint {checkpoint} was trained for input {tuple(arch['input_shape'])} with "
                             f"{arch['num_classes']} classes, but dataset {data.name!r} has {data.input_shape} and {data.num_classes}")
-        return model, arch, {"checkpoint": str(checkpoint), **meta.get("training", {})}
+        return model, arch["model"], {"checkpoint": str(checkpoint), **meta.get("training", {})}
     name = model_name or default_model(data.name, data.input_shape)
     seed_everything(seed)
-    model = build_model(name, data.input_shape, data.num_classes, data.mean, data.std)
-    arch = {"model": name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
-    if checkpoint:
-        state = load_user_state(checkpoint)
-        try:
-            model.body.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {checkpoint} does not fit model {name}: {str(e).splitlines()[0]}") from None
-        return model, arch, {"checkpoint": str(checkpoint)}
+    if user:
+        model = user_model(name, data.input_shape, data.num_classes)
+        if checkpoint:
+            state = unwrap_state(load_user_state(checkpoint), model, f"checkpoint {checkpoint}")
+            model.load_state_dict(state)
+            return model.eval(), name, {"checkpoint": str(checkpoint), "factory": name}
+        model = api.with_normalization(model, api.normalization(normalize, data))
+    elif name not in NAMES:
+        raise UserError(f"unknown model {name!r}: use one of {', '.join(NAMES)}, module:factory or path/to/file.py:factory")
+    else:
+        model = build_model(name, data.input_shape, data.num_classes, data.mean, data.std)
     cfg = TrainConfig(epochs=epochs or default_epochs(data.name), lr=lr, batch_size=batch_size, patience=patience, seed=seed)
     t0 = time.time()
     res = train_epochs(model, data, cfg, desc=f"train float {name}", progress=progress)
@@ -44,7 +116,7 @@ def float_model(data, model_name: str | None, checkpoint: str | None, seed: int,
             "batch_size": cfg.batch_size, "patience": cfg.patience, "optimizer": "adam+cosine", "seed": seed,
             "val_acc": res.best_val, "seconds": round(time.time() - t0, 2)}
     info["test_acc"] = accuracy(model, data.x_test, data.y_test)
-    return model, arch, info
+    return model, name, info
 
 
 def load_data(data_name: str, data_dir: str | None, seed: int, label_column: str | None):
@@ -54,4 +126,7 @@ def load_data(data_name: str, data_dir: str | None, seed: int, label_column: str
 
 
 def preprocessing(data) -> dict:
-    return {"type": "standardize", "mean": data.mean.tolist(), "std": data.std.tolist(), "fitted_on": "train split"}
+    """The record of a zoo model's built-in standardisation (fitted on the training split)."""
+    from qexport.api import normalization
+
+    return normalization("fit", data)

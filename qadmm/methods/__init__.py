@@ -42,8 +42,9 @@ def get_method(name: str) -> ModuleType:
 
 
 def check(name: str, spec: QuantSpec) -> None:
-    """Refuse a bad request before any work: unknown method, code set, hyperparameters, device."""
-    spec.codes
+    """Refuse a bad request before any work: unknown method, code sets, hyperparameters, device.
+    (Layer patterns need the model: `qadmm.layers.select_layers` checks them.)"""
+    spec.validate()
     spec.resolve(get_method(name).Params)
     if spec.calib_samples < 1:
         raise UserError(f"--calib-samples must be at least 1, got {spec.calib_samples}")

@@ -10,7 +10,10 @@ columns not yet rounded through the upper Cholesky factor U of H⁻¹ (eq. 2-3 a
 updated lazily in blocks of `block_size` columns. Optionally (`act_order`) columns go in order of
 decreasing H_jj. With `refit_scale` each row's α is then refit in the H-norm for the chosen codes,
 α = ⟨q, H w⟩ / ⟨q, H q⟩ (the least-squares scale of the layer's output), which never increases the
-output error. The code sets are this package's (binary, ternary, symmetric, thesis).
+output error. The code sets are this package's (binary, ternary, symmetric, thesis), one per layer
+(`QuantSpec.codes_for`). A grouped convolution is solved group by group on its own Hessian block
+(its rows only ever see their group's inputs), with the scales fitted over the whole layer first so
+that a per-tensor α stays one α.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torch import nn
 from qadmm.codes import CodeSet, fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
+from qadmm.layer_inputs import times_hessian
 from qadmm.layerwise import walk
 from qadmm.spec import QuantResult, QuantSpec
 
@@ -47,7 +51,7 @@ class Params:
 def refit_alpha(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, per_channel: bool, alpha: torch.Tensor) -> torch.Tensor:
     """α minimising ‖(W − α·Q)X‖² for fixed codes: per row ⟨q, Hw⟩/⟨q, Hq⟩ (summed over rows per tensor).
     Rows whose optimum is not positive keep their previous α."""
-    hq = q @ h
+    hq = times_hessian(q, h)
     num, den = (hq * w).sum(1), (hq * q).sum(1)
     if not per_channel:
         num, den = num.sum(0, keepdim=True), den.sum(0, keepdim=True)
@@ -56,7 +60,8 @@ def refit_alpha(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, per_channel: 
 
 
 class GPTQ:
-    """One layer: weight matrix W (out, d) and input Hessian H (d, d), both float64."""
+    """One layer: weight matrix W (out, d) and input Hessian H, both float64; H is (d, d), or one
+    (d, d) block per group, (g, d, d), for a grouped convolution (the rows of W in g consecutive groups)."""
 
     def __init__(self, w: torch.Tensor, h: torch.Tensor):
         self.w0 = w.double()
@@ -74,12 +79,21 @@ class GPTQ:
 
     def quantize(self, codes: CodeSet, per_channel: bool, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (out, d) as float64 integers and α (out,) or (1,)."""
-        w, h = self.w0.clone(), self.h.clone()
-        dead = torch.diagonal(h) == 0  # inputs that are always 0: any code is exact there
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-        alpha = fit(w, codes, per_channel).alpha.double().reshape(-1)
-        a = alpha[:, None] if per_channel else alpha
+        hs = (self.h if self.h.dim() == 3 else self.h[None]).clone()
+        w = self.w0.clone().reshape(len(hs), -1, self.w0.shape[1])  # (groups, rows per group, d)
+        diag = hs.diagonal(dim1=1, dim2=2)
+        dead = diag == 0  # inputs that are always 0: any code is exact there
+        diag[dead] = 1.0
+        w.masked_fill_(dead[:, None, :], 0.0)
+        alpha = fit(w.reshape(self.w0.shape), codes, per_channel).alpha.double().reshape(-1)
+        a = alpha.expand(len(self.w0)).reshape(len(hs), -1)  # α per row
+        q = torch.cat([self.round_group(w[i], hs[i], a[i], codes, p) for i in range(len(hs))])
+        if p.refit_scale:
+            alpha = refit_alpha(self.w0, q, self.h, per_channel, alpha)
+        return q, alpha
+
+    def round_group(self, w: torch.Tensor, h: torch.Tensor, a: torch.Tensor, codes: CodeSet, p: Params) -> torch.Tensor:
+        """Algorithm 1 on rows w (r, d) sharing the Hessian h (d, d), scales a (r,) fixed: the codes (r, d)."""
         perm = torch.argsort(torch.diagonal(h), descending=True) if p.act_order else torch.arange(len(h))
         w, h = w[:, perm], h[perm][:, perm]
         u = self.hinv_factor(h, p.damp)
@@ -91,25 +105,22 @@ class GPTQ:
             err = torch.zeros_like(w1)
             for j in range(i2 - i1):
                 col = w1[:, j]
-                qj = codes.project(col / a.reshape(-1))
+                qj = codes.project(col / a)
                 q[:, i1 + j] = qj
-                e = (col - a.reshape(-1) * qj) / u1[j, j]
+                e = (col - a * qj) / u1[j, j]
                 w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
                 err[:, j] = e
             w[:, i2:] -= err @ u[i1:i2, i2:]
-        q = q[:, torch.argsort(perm)]
-        if p.refit_scale:
-            alpha = refit_alpha(self.w0, q, self.h, per_channel, alpha)
-        return q, alpha
+        return q[:, torch.argsort(perm)]
 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
     model = copy.deepcopy(model).eval()
 
-    def solve(w: torch.Tensor, h: torch.Tensor):
-        return (*GPTQ(w, h).quantize(spec.codes, spec.per_channel, p), {})
+    def solve(w: torch.Tensor, h: torch.Tensor, codes: CodeSet):
+        return (*GPTQ(w, h).quantize(codes, spec.per_channel, p), {})
 
     layers, history = walk(model, data.calibration(spec.calib_samples, spec.seed), spec, solve,
-                           f"gptq {spec.codes.describe()}", p.bn_each_layer, p.bn_samples)
+                           f"gptq {spec.describe_codes()}", p.bn_each_layer, p.bn_samples)
     return QuantResult(model, layers, "gptq", asdict(p), history)

@@ -1,7 +1,8 @@
 """LDNQ: layerwise ADMM on each layer's output reconstruction, with limited data (Chen, Wang, Pan, AAAI 2019).
 
 Layers in forward order, each with inputs from the already-quantized network before it (H = XᵀX/n on
-`calib_samples` training images, convs unfolded). Per layer, with W₀ the float weights (out × d rows):
+`calib_samples` training images, convs unfolded; a grouped conv has one H block per group, and every
+product with H below is then taken group by group). Per layer, with W₀ the float weights (out × d rows):
 
     min_W  tr((W − W₀) H (W − W₀)ᵀ)   s.t.  W ∈ α·C                        (paper eq. 3)
 
@@ -32,6 +33,7 @@ from torch import nn
 from qadmm.codes import CodeSet, fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
+from qadmm.layer_inputs import times_hessian
 from qadmm.layers import stage
 from qadmm.layerwise import output_error, walk
 from qadmm.methods.gptq import GPTQ, refit_alpha
@@ -65,11 +67,20 @@ class Params:
             raise UserError(f"ldnq: warm_start={self.warm_start!r}: use nearest or gptq")
 
 
+def solve_rows(b: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """X with X·A = B for A = L·Lᵀ symmetric: one A (d, d), or one per group of rows (g, d, d)."""
+    if lo.dim() == 2:
+        return torch.cholesky_solve(b.T, lo).T
+    bt = b.reshape(len(lo), -1, b.shape[1]).transpose(1, 2)  # (g, d, rows per group)
+    return torch.cholesky_solve(bt, lo).transpose(1, 2).reshape(b.shape)
+
+
 def admm_layer(w0: torch.Tensor, h: torch.Tensor, codes: CodeSet, per_channel: bool, p: Params) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """ADMM for one layer (W₀ (out, d) and H, float64). Returns the best codes, α and a log."""
+    """ADMM for one layer (W₀ (out, d) and H (d, d), or (groups, d, d) per group, float64). Returns
+    the best codes, α and a log."""
     w0, h = w0.double(), h.double()
-    mean_diag = float(torch.diagonal(h).mean()) or 1.0
-    eye = torch.eye(len(h), dtype=h.dtype)
+    mean_diag = float(torch.diagonal(h, dim1=-2, dim2=-1).mean()) or 1.0
+    eye = torch.eye(h.shape[-1], dtype=h.dtype)
     def dequant(q: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         return q * (alpha[:, None] if per_channel else alpha)
 
@@ -84,14 +95,14 @@ def admm_layer(w0: torch.Tensor, h: torch.Tensor, codes: CodeSet, per_channel: b
     start_err = best[0]
     lam = torch.zeros_like(w0)
     rho = p.rho * mean_diag
-    hw0 = w0 @ h
+    hw0 = times_hessian(w0, h)
     stall, rounds, lo, lo_rho = 0, 0, None, None
     for k in range(1, p.iters + 1):
         rounds = k
         if rho != lo_rho:  # one factorisation per ρ
             lo, lo_rho = torch.linalg.cholesky(h + rho * eye), rho
         # W-step: W (H + ρI) = W₀H + ρ(G − Λ)
-        w = torch.cholesky_solve((hw0 + rho * (g - lam)).T, lo).T
+        w = solve_rows(hw0 + rho * (g - lam), lo)
         f = fit(w + lam, codes, per_channel, alpha0=alpha.float(), max_iter=10)  # G-step
         q, alpha = f.q.double().reshape(w0.shape), f.alpha.double().reshape(-1)
         g = dequant(q, alpha)
@@ -151,13 +162,13 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     x = data.calibration(spec.calib_samples, spec.seed)
     teacher = predict(model, x) if p.cascade_epochs > 0 else None
 
-    def solve(w: torch.Tensor, h: torch.Tensor):
-        q, alpha, log = admm_layer(w, h, spec.codes, spec.per_channel, p)
+    def solve(w: torch.Tensor, h: torch.Tensor, codes: CodeSet):
+        q, alpha, log = admm_layer(w, h, codes, spec.per_channel, p)
         base = max(output_error(w, h), 1e-30)
         return q, alpha, {"rounds": log["rounds"], "out_err_admm_start": log["err_start"] / base, "kept": log["kept"]}
 
     def after(name: str) -> dict:
         return {} if teacher is None else {"cascade_loss": cascade(model, teacher, x, name, p, gen)}
 
-    layers, history = walk(model, x, spec, solve, f"ldnq {spec.codes.describe()}", p.bn_each_layer, p.bn_samples, after)
+    layers, history = walk(model, x, spec, solve, f"ldnq {spec.describe_codes()}", p.bn_each_layer, p.bn_samples, after)
     return QuantResult(model, layers, "ldnq", asdict(p), history)

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from qadmm.codes import CodeSet, fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.layer_inputs import input_hessian, supports_matrix, weight_matrix
-from qadmm.layers import Stage, quantizable_layers, stage
+from qadmm.layer_inputs import input_hessian, weight_matrix
+from qadmm.layers import Stage, select_layers, stage
 from qadmm.layerwise import layer_codes
 from qadmm.methods.gptq import GPTQ
 from qadmm.methods.gptq import Params as GPTQParams
@@ -260,7 +260,7 @@ def start_codes(model: nn.Module, name: str, codes: CodeSet, per_channel: bool, 
     """G⁰ of layer `name`: the full multi-start fit of the float weights (= PTQ), or with calibration
     inputs GPTQ's output-aware rounding on the current (partly quantized) model."""
     m = dict(model.named_modules())[name]
-    if calib is None or not supports_matrix(m):
+    if calib is None:
         f = fit(m.weight.detach().cpu(), codes, per_channel)
         return LayerCodes(f.q, f.alpha, codes)
     q, alpha = GPTQ(weight_matrix(m).cpu(), input_hessian(model, m, calib).cpu()).quantize(codes, per_channel, GPTQParams())
@@ -269,10 +269,9 @@ def start_codes(model: nn.Module, name: str, codes: CodeSet, per_channel: bool, 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
-    codes = spec.codes
     model = copy.deepcopy(model).to(spec.device)
     gen = seed_everything(spec.seed)
-    names = [n for n, _ in quantizable_layers(model, spec.keep_first, spec.keep_last)]
+    names = [n for n, _ in select_layers(model, spec)]
     if p.budget_epochs > 0 and names:  # the same passes for every layer: W-steps share `budget_admm_share`
         per_layer = p.budget_epochs / len(names)
         p.inner_epochs = per_layer * p.budget_admm_share / max(p.iters, 1)
@@ -282,12 +281,12 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     calib = data.calibration(spec.calib_samples, spec.seed).to(device_of(model)) if p.warm_start == "gptq" else None
     layers: dict[str, LayerCodes] = {}
     history = []
-    bar = tqdm(names, desc=f"lq {codes.describe()}", disable=not spec.progress)
+    bar = tqdm(names, desc=f"lq {spec.describe_codes()}", disable=not spec.progress)
     for i, name in enumerate(bar):
         t0 = time.time()
         bar.set_postfix(layer=name)
         inputs.advance_to(name)
-        g0 = start_codes(model, name, codes, spec.per_channel, calib)
+        g0 = start_codes(model, name, spec.codes_for(name), spec.per_channel, calib)
         lc, log = admm_layer(model, inputs, name, g0, spec.per_channel, p, gen, spec.progress, f"  admm {name}")
         layers[name] = lc
         acc, loss = retrain_later(model, inputs, name, p.retrain_epochs, p.retrain_lr, p.batch_size, gen,

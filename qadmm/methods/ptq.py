@@ -10,7 +10,7 @@ from torch import nn
 
 from qadmm.codes import fit
 from qadmm.data import Dataset
-from qadmm.layers import quantizable_layers
+from qadmm.layers import select_layers
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec, apply_codes
 
 
@@ -28,9 +28,10 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     model = copy.deepcopy(model)
     layers = {}
     history = []
-    for name, m in quantizable_layers(model, spec.keep_first, spec.keep_last):
-        f = fit(m.weight.detach(), spec.codes, spec.per_channel, max_iter=p.max_iter, patience=p.patience)
-        layers[name] = LayerCodes(f.q, f.alpha, spec.codes)
+    for name, m in select_layers(model, spec):
+        codes = spec.codes_for(name)
+        f = fit(m.weight.detach(), codes, spec.per_channel, max_iter=p.max_iter, patience=p.patience)
+        layers[name] = LayerCodes(f.q, f.alpha, codes)
         rel = (f.error / max(float((m.weight.detach() ** 2).sum()), 1e-30)) ** 0.5
         history.append({"layer": name, "rel_error": rel})
     apply_codes(model, layers)

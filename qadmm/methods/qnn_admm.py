@@ -27,7 +27,7 @@ from qadmm import admm_steps as st
 from qadmm.codes import fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.layers import quantizable_layers
+from qadmm.layers import select_layers
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec, apply_codes
 from qadmm.train import seed_everything
 from qadmm.zoo import mlp_layers
@@ -98,13 +98,13 @@ def _check(p: Params) -> None:
 class _Net:
     """The split variables of one run and the sweeps of Algorithm 2 over one block of samples."""
 
-    def __init__(self, Ws, bs, quantized, codes, per_channel, a0, y, p: Params, dtype):
-        self.p, self.codes, self.per_channel = p, codes, per_channel
+    def __init__(self, Ws, bs, codes, per_channel, a0, y, p: Params, dtype):
+        self.p, self.codes, self.per_channel = p, codes, per_channel  # codes: per layer, None for a layer kept float
         self.L = len(Ws)
         self.W = [w.to(dtype) for w in Ws]
         self.has_bias = [b is not None for b in bs]  # a Linear without bias keeps b = 0
         self.b = [b.to(dtype) if b is not None else torch.zeros(w.shape[0], dtype=dtype) for w, b in zip(Ws, bs)]
-        self.quantized = quantized  # per layer: False for a layer kept float (no G, no μ term)
+        self.quantized = [c is not None for c in codes]  # False for a layer kept float (no G, no μ term)
         self.a0, self.y = a0, y
         self.mu = p.mu
         self.alpha: list[torch.Tensor | None] = [None] * self.L  # float32 scales of the last G-step
@@ -143,8 +143,8 @@ class _Net:
             self.G[l] = self.W[l]
             return
         v = self.W[l] + self.U[l] if self.p.multipliers == "all" else self.W[l]
-        f = fit(v, self.codes, self.per_channel) if first else \
-            fit(v, self.codes, self.per_channel, alpha0=self.alpha[l], max_iter=10)
+        f = fit(v, self.codes[l], self.per_channel) if first else \
+            fit(v, self.codes[l], self.per_channel, alpha0=self.alpha[l], max_iter=10)
         self.alpha[l], self.Q[l] = f.alpha, f.q
         self.G[l] = f.dequantize().to(v.dtype)  # exactly the float32 α·Q the exported model computes
         if self.p.multipliers == "all" and not first:
@@ -237,10 +237,9 @@ class _Net:
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
     _check(p)
-    codes = spec.codes
     model = copy.deepcopy(model).eval()
     pre, linears = _mlp_linears(model)
-    keep = {n for n, _ in quantizable_layers(model)} - {n for n, _ in quantizable_layers(model, spec.keep_first, spec.keep_last)}
+    chosen = {n for n, _ in select_layers(model, spec)}
     gen = seed_everything(spec.seed)
     if p.init == "scratch":
         for _, lin in linears:
@@ -273,7 +272,8 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     with torch.no_grad():
         net = _Net([lin.weight.detach() for _, lin in linears],
                    [lin.bias.detach() if lin.bias is not None else None for _, lin in linears],
-                   [name not in keep for name, _ in linears], codes, spec.per_channel, a0.to(dtype), y, p, dtype)
+                   [spec.codes_for(name) if name in chosen else None for name, _ in linears], spec.per_channel,
+                   a0.to(dtype), y, p, dtype)
         return _run(model, linears, net, blocks, xv.to(dtype), yv, spec, p)
 
 
@@ -314,7 +314,7 @@ def _run(model, linears, net: _Net, blocks, xv, yv, spec: QuantSpec, p: Params) 
     with torch.no_grad():
         for l, (name, lin) in enumerate(linears):
             if net.quantized[l]:
-                layers[name] = LayerCodes(Q[l], alpha[l], spec.codes)
+                layers[name] = LayerCodes(Q[l], alpha[l], net.codes[l])
             else:
                 lin.weight.copy_(G[l].to(lin.weight.dtype))  # a kept (float) layer: its trained W
             if lin.bias is not None:

@@ -72,6 +72,13 @@ def data_options(f):
     return f
 
 
+def normalize_option(f):
+    return click.option("--normalize", default=None, metavar="none|fit|MEAN,STD",
+                        help="Standardise the input in front of YOUR model (module:factory): none (default: the "
+                             "model gets the raw features, as you trained it), fit (mean/std of the training split), "
+                             "or MEAN,STD. Zoo models and qexport checkpoints carry their own.")(f)
+
+
 def train_options(f):
     f = click.option("--epochs", type=click.IntRange(1), default=None, help="Float training epochs (default per dataset).")(f)
     f = click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Adam learning rate.")(f)
@@ -89,7 +96,8 @@ def train_options(f):
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint path (.safetensors; a .json card is written beside it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def train(data_name, data_dir, label_column, model_name, epochs, lr, batch_size, patience, seed, output, quiet):
+@normalize_option
+def train(data_name, data_dir, label_column, model_name, epochs, lr, batch_size, patience, seed, output, quiet, normalize):
     """Train a float model from the zoo on a dataset and write a checkpoint.
 
     \b
@@ -98,14 +106,19 @@ def train(data_name, data_dir, label_column, model_name, epochs, lr, batch_size,
       qexport train --data pendigits --data-dir ../shared/data -o pendigits.safetensors
       qexport train --data digits --model cnn-small --epochs 60
     """
+    from qexport.api import normalization
     from qexport.checkpoint import save_checkpoint
     from qexport.fileio import check_output_path, versions
 
+    from qadmm.zoo import NAMES
+
     data = load_data(data_name, data_dir, seed, label_column)
-    out = Path(output or f"{data.name}-{model_name or 'default'}.safetensors")
+    out = Path(output or f"{data.name}-{(model_name or 'default').replace(':', '_').replace('/', '_')}.safetensors")
     check_output_path(out)
-    model, arch, info = float_model(data, model_name, None, seed, epochs, lr, batch_size, patience, not quiet)
-    meta = {"architecture": arch, "preprocessing": preprocessing(data), "dataset": data.describe(), "training": info,
+    model, name, info = float_model(data, model_name, None, seed, epochs, lr, batch_size, patience, not quiet, normalize)
+    arch = {"model": name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    pre = preprocessing(data) if name in NAMES else normalization(normalize, data)
+    meta = {"architecture": arch, "preprocessing": pre, "dataset": data.describe(), "training": info,
             "versions": versions(), "command": "qexport train"}
     card = save_checkpoint(out, model, meta)
     click.echo(f"float {arch['model']} on {data.name}: val {info['val_acc']:.2f}%  test {info['test_acc']:.2f}%  "
@@ -145,7 +158,9 @@ def layer_table(history: list) -> str:
 
 @main.command(epilog=EPILOG_QUANTIZE)
 @data_options
-@click.option("--model", "model_name", default=None, help="Zoo model or package.module:factory (default: the dataset's).")
+@click.option("--model", "model_name", default=None,
+              help="Zoo model, or your own: module:factory (current directory or PYTHONPATH) or path/to/file.py:factory "
+                   "(default: the dataset's zoo model).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Float weights: a qexport checkpoint, or a state_dict for --model package.module:factory. "
                    "Without it the float model is trained first.")
@@ -157,6 +172,11 @@ def layer_table(history: list) -> str:
 @click.option("--per-channel", is_flag=True, help="One scale per output channel instead of one per tensor.")
 @click.option("--keep-first", is_flag=True, help="Leave the first Linear/Conv2d layer float.")
 @click.option("--keep-last", is_flag=True, help="Leave the last Linear/Conv2d layer float.")
+@click.option("--layer-bits", default=None, metavar="PATTERN=BITS,...",
+              help="Per-layer bit widths (mixed precision), e.g. 'conv1=8,fc*=2'; fnmatch patterns on layer names "
+                   "(see `qexport inspect`), the first match wins; other layers get --bits.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching layers float (repeatable).")
+@normalize_option
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Method hyperparameter override (repeatable).")
 @click.option("--calib-samples", type=click.IntRange(1), default=2048, show_default=True,
               help="Training images for calibration: GPTQ/LDNQ layer inputs and BatchNorm re-estimation.")
@@ -173,16 +193,16 @@ def layer_table(history: list) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--list-methods", is_flag=True, help="List the back-ends and their hyperparameters, then exit.")
 def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, bits, scheme, per_channel, keep_first,
-             keep_last, params, calib_samples, bn_reestimate, bias_correction, device, epochs, lr, batch_size, patience,
-             seed, output, quiet, list_methods):
+             keep_last, layer_bits, exclude, normalize, params, calib_samples, bn_reestimate, bias_correction, device, epochs,
+             lr, batch_size, patience, seed, output, quiet, list_methods):
     """Quantize a float model's weights to integer codes and scales; write the artifact."""
     import dataclasses
 
     from qadmm import methods
     from qadmm.spec import QuantSpec
-    from qadmm.train import accuracy
-    from qexport.artifact import save_artifact
-    from qexport.fileio import check_output_path, versions
+    from qadmm.zoo import NAMES
+    from qexport import api
+    from qexport.fileio import check_output_path
 
     if list_methods:
         for name in methods.METHODS:
@@ -191,52 +211,69 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
             summary = " ".join((mod.__doc__ or "").split("\n\n")[0].split()).split(". ")[0]
             click.echo(f"{name:10s} {summary}\n{'':10s} {fields}")
         return
+    lbits = parse_layer_bits(layer_bits)
     spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
                      seed=seed, params=parse_params(params), progress=not quiet, calib_samples=calib_samples,
-                     bn_reestimate=bn_reestimate, bias_correction=bias_correction, device=device)
+                     bn_reestimate=bn_reestimate, bias_correction=bias_correction, device=device, layer_bits=lbits,
+                     exclude=tuple(exclude))
     methods.check(method, spec)  # refuse bad input before any training
-    codes = spec.codes
+    user = bool(model_name and model_name not in NAMES)
+    if normalize not in (None, "none") and not user:
+        raise UserError("--normalize is for your own model (--model module:factory): zoo models and qexport "
+                        "checkpoints carry their own normalisation")
     if output:
         check_output_path(output)
     data = load_data(data_name, data_dir, seed, label_column)
-    model, arch, train_info = float_model(data, model_name, checkpoint, seed, epochs, lr, batch_size, patience, not quiet)
-    out = Path(output or f"{data.name}-{arch['model'].replace(':', '_')}-{method}-{bits}b.qx.safetensors")
+    model, name, source = float_model(data, model_name, checkpoint, seed, epochs, lr, batch_size, patience, not quiet,
+                                      normalize)
+    out = Path(output or f"{data.name}-{Path(name).stem.replace(':', '_')}-{method}-{bits}b.qx.safetensors")
     check_output_path(out)
-    float_acc = accuracy(model, data.x_test, data.y_test)
-    t0 = time.time()
-    result = methods.quantize(method, model, data, spec)
-    seconds = time.time() - t0
-    q_acc = accuracy(result.model, data.x_test, data.y_test)
-    meta = {
-        "architecture": arch,
-        "preprocessing": preprocessing(data),
-        "dataset": data.describe(),
-        "float_training": train_info,
-        "method": {"name": method, "params": result.params, "seconds": round(seconds, 2)},
-        "spec": {"bits": bits, "scheme": codes.scheme, "per_channel": per_channel, "keep_first": keep_first,
-                 "keep_last": keep_last, "seed": seed, "calib_samples": calib_samples, "bn_reestimate": bn_reestimate,
-                 "bias_correction": bias_correction, "device": device},
-        "recalibration": result.recalibration,
-        "history": result.history,
-        "accuracy": {"float_test": float_acc, "quantized_test": q_acc,
-                     "quantized_val": accuracy(result.model, data.x_val, data.y_val)},
-        "versions": versions(),
-        "command": "qexport " + " ".join(sys.argv[1:]),
-    }
-    digest = save_artifact(out, result.model, result.layers, meta)
-    click.echo(f"{arch['model']} on {data.name} ({len(data.y_test)} test samples), {method}, {codes.describe()}"
-               f"{', per-channel' if per_channel else ''}:")
-    click.echo(f"  float     test accuracy {float_acc:6.2f}%")
-    click.echo(f"  quantized test accuracy {q_acc:6.2f}%   ({seconds:.1f} s)")
-    table = layer_table(result.history)
+    art = api.quantize(model, data, method, bits, scheme=scheme, per_channel=per_channel, layer_bits=lbits,
+                       exclude=exclude, keep_first=keep_first, keep_last=keep_last, params=spec.params,
+                       normalize=normalize if user and checkpoint else None, calib_samples=calib_samples,
+                       bn_reestimate=bn_reestimate, bias_correction=bias_correction, seed=seed, device=device,
+                       progress=not quiet, model_name=name, source=source)
+    digest = art.save(out)
+    m = art.meta
+    acc = m["accuracy"]
+    click.echo(f"{name} on {data.name} ({len(data.y_test)} test samples), {method}, {art.bits_summary}"
+               f"{', per-channel' if per_channel else ''}; input {describe_preprocessing(m['preprocessing'])}:")
+    click.echo(f"  float     test accuracy {acc['float_test']:6.2f}%")
+    click.echo(f"  quantized test accuracy {acc['quantized_test']:6.2f}%   ({m['method']['seconds']:.1f} s)")
+    table = layer_table(m["history"])
     if table:
         click.echo(table)
-    rc = result.recalibration
+    rc = m["recalibration"]
     if rc:
         done = [f"BatchNorm re-estimated ({rc['bn_layers']} layers)" if rc.get("bn_reestimate") else "",
                 f"bias corrected ({', '.join(rc['bias_corrected']) or 'no layer qualified'})" if rc.get("bias_correction") else ""]
         click.echo(f"  {' and '.join(d for d in done if d)} on {rc['calib_samples']} training images")
     click.echo(f"wrote {out}  (sha256 {digest[:12]})")
+
+
+def parse_layer_bits(text: str | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        pat, sep, bits = item.partition("=")
+        try:
+            out[pat.strip()] = int(bits)
+        except ValueError:
+            raise UserError(f"--layer-bits {item!r}: write PATTERN=BITS, e.g. --layer-bits 'conv1=8,fc*=2'") from None
+        if not sep or not pat.strip():
+            raise UserError(f"--layer-bits {item!r}: write PATTERN=BITS, e.g. --layer-bits 'conv1=8,fc*=2'")
+    return out
+
+
+def describe_preprocessing(pre: dict) -> str:
+    if pre.get("type") != "standardize":
+        return "raw (no normalisation)"
+    mean, std = pre["mean"], pre["std"]
+    flat = lambda v: [round(float(a), 4) for a in __import__("numpy").asarray(v).ravel()]  # noqa: E731
+    m, s = flat(mean), flat(std)
+    shown = f"mean {m[0]} std {s[0]}" if len(m) == 1 else f"{len(m)} means/stds"
+    return f"standardised ({shown}, {pre.get('fitted_on', '')})"
 
 
 @main.command()

@@ -1,4 +1,4 @@
-"""`qexport to-onnx`, `qexport verify`, `qexport run`, and `export_onnx`, their Python entry point."""
+"""`qexport to-onnx`, `qexport verify`, `qexport run`."""
 from __future__ import annotations
 
 import json
@@ -9,36 +9,7 @@ import numpy as np
 
 from qadmm.errors import UserError
 
-FORMS = ("weights", "qdq", "qoperator")
-
-
-def export_onnx(art, form: str, x_calib: np.ndarray | None = None, calib=None, progress: bool = False):
-    """The ONNX ModelProto of a loaded artifact in one form. Integer forms need training features
-    `x_calib` for the activation ranges (`calib`: a `CalibConfig`, default min-max on 8x64)."""
-    from qexport.onnx.calibrate import CalibConfig, calibrate
-    from qexport.onnx.builder import trace
-
-    if form not in FORMS:
-        raise UserError(f"unknown form {form!r}: use one of {', '.join(FORMS)}")
-    ops = trace(art.model)
-    if form == "weights":
-        from qexport.onnx.weights import export_weights
-
-        return export_weights(art, ops)
-    from qexport.onnx.qoperator import check_int8
-
-    check_int8(art)  # refuse before spending time on calibration
-    if x_calib is None:
-        raise UserError(f"--form {form} needs calibration data for the activation ranges: pass --data")
-    calib = calib or CalibConfig()
-    qp = calibrate(ops, x_calib, calib, progress)
-    if form == "qdq":
-        from qexport.onnx.qdq import export_qdq
-
-        return export_qdq(art, ops, qp, calib.describe())
-    from qexport.onnx.qoperator import export_qoperator
-
-    return export_qoperator(art, ops, qp, calib.describe())
+from qexport.onnx.export import FORMS
 
 
 def _dataset(art, data_name, data_dir, seed):
@@ -47,9 +18,15 @@ def _dataset(art, data_name, data_dir, seed):
 
     ds = art.meta.get("dataset", {})
     name = data_name or ds.get("name")
-    if not name or name in ("npz", "csv"):
+    label_column = None
+    if not data_name and name in ("npz", "csv", "arrays"):  # a file: read it again from where it was
+        name, label_column = ds.get("source"), ds.get("label_column")
+        if not name or not Path(name).is_file():
+            raise UserError(f"the artifact's data ({name or 'arrays'}) is not readable here: name it with --data "
+                            "(a dataset name or a .npz/.csv path)")
+    if not name:
         raise UserError("name the data with --data (a dataset name or a .npz/.csv path)")
-    data = load_data(name, data_dir, ds.get("seed", 0) if seed is None else seed, None)
+    data = load_data(name, data_dir, ds.get("seed", 0) if seed is None else seed, label_column)
     shape = tuple(art.meta["architecture"]["input_shape"])
     if data.input_shape != shape:
         raise UserError(f"dataset {name!r} has samples of shape {data.input_shape}, the artifact's model takes {shape}")
@@ -76,8 +53,12 @@ def _data_opts(f):
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Share of values kept by --calibration percentile.")
 @click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True, help="Training batches for calibration.")
 @click.option("--calib-batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--opset", type=click.IntRange(13, 25), default=None,
+              help="ONNX opset to write (default: the lowest the graph needs). Below 25, 2-bit codes are stored as "
+                   "INT4; below 21, as INT8 (older onnxruntime reads them; the file is larger).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, percentile, calib_batches, calib_batch_size, quiet):
+def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, percentile, calib_batches, calib_batch_size,
+            opset, quiet):
     """Export an artifact to ONNX (normalisation inside, dynamic batch, provenance in metadata).
 
     \b
@@ -85,27 +66,22 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
       qexport to-onnx digits-mlp-digits-ptq-4b.qx.safetensors --form weights -o digits-4b.onnx
       qexport to-onnx model.qx.safetensors --form qdq                    # calibrates on the artifact's data
       qexport to-onnx model.qx.safetensors --form qoperator --calibration percentile --calib-batches 32
+      qexport to-onnx model.qx.safetensors --form weights --opset 21     # onnxruntime >= 1.18
     """
-    import onnx
-
+    from qexport import api
     from qexport.artifact import load_artifact
-    from qexport.onnx.calibrate import CalibConfig
-    from qexport.fileio import atomic_path, check_output_path
+    from qexport.fileio import check_output_path
 
     art = load_artifact(artifact)
     out = Path(output or f"{Path(artifact).name.split('.')[0]}.{form}.onnx")
     check_output_path(out)
-    x_calib, cfg = None, None
+    data = None
     if form != "weights":
         from qexport.onnx.qoperator import check_int8
 
-        check_int8(art)
+        check_int8(art)  # before loading data
         data = _dataset(art, data_name, data_dir, seed)
-        x_calib = data.x_train
-        cfg = CalibConfig(calibration, percentile, calib_batches, calib_batch_size, data.info.get("seed", 0))
-    model = export_onnx(art, form, x_calib, cfg, progress=not quiet)
-    with atomic_path(out) as tmp:
-        onnx.save(model, str(tmp))
+    api.to_onnx(art, out, form, data, opset, calibration, percentile, calib_batches, calib_batch_size, progress=not quiet)
     click.echo(f"wrote {out} ({out.stat().st_size} bytes, form {form}, {art.bits_summary}); "
                f"check it with: qexport verify {out} --artifact {artifact}")
 

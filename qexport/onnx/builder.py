@@ -1,194 +1,22 @@
-"""What every ONNX form shares: the model traced with torch.fx into a short list of supported ops,
-a float evaluator over that list (calibration and the `weights` reference), BatchNorm folding,
-and the graph-building helpers (initializers, normalisation nodes, metadata, dynamic batch).
-
-The three emitters (`onnx_weights`, `onnx_qdq`, `onnx_qoperator`) walk the same `Op` list, so a
-layer supported by one form is supported by all, and a layer that is not gets one error naming it.
+"""What every ONNX form shares: the graph under construction (`Builder`), BatchNorm folding and
+the int8/int32 layout of a quantized layer, its weight initializers (the one place their names are
+spelled), the activation quantization parameters' initializers, metadata, and the final checks.
 """
 from __future__ import annotations
 
 import json
-import operator
 from dataclasses import dataclass, field
-from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
+from qadmm.spec import LayerCodes
 from qadmm.errors import UserError
-from qadmm.zoo import Normalize
+from qexport.ops.base import INPUT, OUTPUT, Ctx, Op
 
-INPUT = "input"
-OUTPUT = "logits"
 MS_DOMAIN = "com.microsoft"
-
-
-@dataclass
-class Op:
-    """One node of the traced model after fusion.
-
-    kind: normalize | linear | conv | bn | relu | add | flatten | maxpool | avgpool | gap.
-    `out` is the name of the value it produces (also its ONNX tensor name); `bn` is a BatchNorm
-    folded after a linear/conv; `relu` a ReLU folded after a linear/conv/add.
-    """
-
-    kind: str
-    name: str
-    inputs: list[str]
-    out: str
-    module: nn.Module | None = None
-    bn: nn.Module | None = None
-    relu: bool = False
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Normalize) or super().is_leaf_module(m, qualname)
-
-
-_MODULE_KINDS = ((Normalize, "normalize"), (nn.Linear, "linear"), (nn.Conv2d, "conv"), (nn.BatchNorm1d, "bn"),
-                 (nn.BatchNorm2d, "bn"), (nn.ReLU, "relu"), (nn.Flatten, "flatten"), (nn.MaxPool2d, "maxpool"),
-                 (nn.AvgPool2d, "avgpool"), (nn.AdaptiveAvgPool2d, "gap"))
-SUPPORTED = "Linear, Conv2d, BatchNorm1d/2d, ReLU, residual add, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Flatten, Identity, Dropout"
-
-
-def _unsupported(what: str) -> UserError:
-    return UserError(f"unsupported layer {what}: ONNX export supports {SUPPORTED}")
-
-
-def _check_module(name: str, m: nn.Module, kind: str) -> None:
-    if kind == "conv" and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
-        raise _unsupported(f"{name} (Conv2d with padding={m.padding!r}, padding_mode={m.padding_mode!r}; use integer zero padding)")
-    if kind == "flatten" and (m.start_dim != 1 or m.end_dim != -1):
-        raise _unsupported(f"{name} (Flatten(start_dim={m.start_dim}, end_dim={m.end_dim}); only Flatten(1, -1))")
-    if kind == "gap" and m.output_size not in (1, (1, 1)):
-        raise _unsupported(f"{name} (AdaptiveAvgPool2d({m.output_size}); only output size 1)")
-    if kind in ("maxpool", "avgpool") and getattr(m, "return_indices", False):
-        raise _unsupported(f"{name} (MaxPool2d with return_indices)")
-    if kind == "avgpool" and m.divisor_override is not None:
-        raise _unsupported(f"{name} (AvgPool2d with divisor_override)")
-    if kind == "bn" and not m.track_running_stats:
-        raise _unsupported(f"{name} (BatchNorm without running statistics)")
-
-
-def trace(model: nn.Module) -> list[Op]:
-    """The model as a list of `Op`s in execution order, with BatchNorm and ReLU fused into the
-    layer before them where that layer is their only producer and they its only consumer."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # data-dependent control flow, unsupported Python in forward
-        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({str(e).splitlines()[0]}): "
-                        f"export needs a forward made of {SUPPORTED}") from None
-    modules = dict(model.named_modules())
-    alias: dict[str, str] = {}  # value -> value it is identical to (Identity, Dropout)
-    ops: list[Op] = []
-    output: str | None = None
-
-    def val(a: Any, where: str) -> str:
-        if not isinstance(a, fx.Node):
-            raise _unsupported(f"{where} (a constant {a!r} as a tensor operand)")
-        return alias.get(a.name, a.name)
-
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if any(o.kind == "input" for o in ops) or alias:
-                raise UserError("the model takes more than one input: export supports single-input classifiers")
-            alias[node.name] = INPUT
-        elif node.op == "call_module":
-            m = modules[node.target]
-            if isinstance(m, (nn.Identity, nn.Dropout)):
-                alias[node.name] = val(node.args[0], node.target)
-                continue
-            kind = next((k for t, k in _MODULE_KINDS if type(m) is t), None)
-            if kind is None:
-                raise _unsupported(f"{node.target} ({type(m).__name__})")
-            _check_module(node.target, m, kind)
-            ops.append(Op(kind, node.target, [val(node.args[0], node.target)], node.name, m))
-        elif node.op == "call_function":
-            fn, where = node.target, f"{node.name} ({getattr(node.target, '__name__', node.target)})"
-            if fn in (operator.add, torch.add, operator.iadd) and len(node.args) == 2 and not node.kwargs:
-                ops.append(Op("add", node.name, [val(a, where) for a in node.args], node.name))
-            elif fn in (torch.relu, F.relu) and not node.kwargs.get("inplace", False) or fn is torch.relu_:
-                ops.append(Op("relu", node.name, [val(node.args[0], where)], node.name))
-            elif fn is torch.flatten and tuple(node.args[1:]) in ((1,), (1, -1)) and not node.kwargs:
-                ops.append(Op("flatten", node.name, [val(node.args[0], where)], node.name))
-            else:
-                raise _unsupported(where)
-        elif node.op == "call_method":
-            where = f"{node.name} (Tensor.{node.target})"
-            if node.target in ("relu", "relu_"):
-                ops.append(Op("relu", node.name, [val(node.args[0], where)], node.name))
-            elif node.target == "flatten" and tuple(node.args[1:]) in ((1,), (1, -1)):
-                ops.append(Op("flatten", node.name, [val(node.args[0], where)], node.name))
-            else:
-                raise _unsupported(where)
-        elif node.op == "output":
-            output = val(node.args[0], "output")
-        else:  # get_attr: a parameter used directly in forward
-            raise _unsupported(f"{node.name} ({node.op} {node.target})")
-    if output is None or not ops:
-        raise UserError("the model has no layers to export")
-    if output == INPUT:
-        raise UserError("the model returns its input unchanged: nothing to export")
-    ops = _fuse(ops, output)
-    # Name the final value OUTPUT so every form's graph output is called `logits`.
-    for op in ops:
-        op.inputs = [OUTPUT if i == output else i for i in op.inputs]
-        if op.out == output:
-            op.out = OUTPUT
-    return ops
-
-
-def _fuse(ops: list[Op], output: str) -> list[Op]:
-    uses: dict[str, int] = {output: 1}
-    for op in ops:
-        for i in op.inputs:
-            uses[i] = uses.get(i, 0) + 1
-    fused: list[Op] = []
-    for op in ops:
-        prev = fused[-1] if fused else None
-        single = prev is not None and op.inputs == [prev.out] and uses.get(prev.out, 0) == 1
-        if single and op.kind == "bn" and prev.kind in ("linear", "conv") and prev.bn is None and not prev.relu:
-            prev.bn, prev.out = op.module, op.out
-        elif single and op.kind == "relu" and prev.kind in ("linear", "conv", "add") and not prev.relu:
-            prev.relu, prev.out = True, op.out
-        else:
-            fused.append(op)
-    return fused
-
-
-# ---------------------------------------------------------------------------------------------
-# Float evaluation of the op list (PyTorch): calibration statistics and the `weights` reference.
-
-def apply_op(op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
-    """The float function of one op, exactly as the PyTorch modules compute it."""
-    x = xs[0]
-    if op.kind in ("normalize", "linear", "conv", "maxpool", "avgpool", "gap", "bn"):
-        y = op.module(x)
-    elif op.kind == "add":
-        y = xs[0] + xs[1]
-    elif op.kind == "relu":
-        y = torch.relu(x)
-    elif op.kind == "flatten":
-        y = torch.flatten(x, 1)
-    else:
-        raise AssertionError(op.kind)
-    if op.bn is not None:
-        y = op.bn(y)
-    if op.relu:
-        y = torch.relu(y)
-    return y
-
-
-@torch.no_grad()
-def evaluate(ops: list[Op], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every op's float output for input x (eval-mode modules)."""
-    vals = {INPUT: x}
-    for op in ops:
-        vals[op.out] = apply_op(op, [vals[i] for i in op.inputs])
-    return vals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,14 +100,26 @@ def integer_layer(op: Op, lc, x_scale: np.float32) -> IntLayer:
 # ---------------------------------------------------------------------------------------------
 # Graph building.
 
+# Opset each feature needs: per-axis QuantizeLinear/DequantizeLinear (13), INT4/INT16
+# DequantizeLinear inputs (21), INT2 (25). `--opset` below 25 stores 2-bit codes as INT4, below 21
+# as INT8, so older runtimes load the file (at a larger size).
+MIN_OPSET = 13
+INT_TYPES = (("INT2", ml_dtypes.int2, 1, 25), ("INT4", ml_dtypes.int4, 7, 21), ("INT8", np.int8, 127, 13),
+             ("INT16", np.int16, 32767, 21))
+
+
 @dataclass
 class Builder:
-    """Accumulates nodes and initializers; names are the caller's, checked for uniqueness."""
+    """Accumulates nodes and initializers; names are the caller's, checked for uniqueness.
 
+    `opset` is the one the user asked for (None: the lowest the graph needs); emitters call
+    `need(v, why)` for what they use, and read `opset` to choose between alternatives."""
+
+    opset: int | None = None
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
     names: set = field(default_factory=set)
-    uses_int2: bool = False
+    needed: dict = field(default_factory=lambda: {MIN_OPSET: "QuantizeLinear/DequantizeLinear per channel"})
     uses_ms: bool = False
 
     def init(self, name: str, arr: np.ndarray) -> str:
@@ -299,34 +139,85 @@ class Builder:
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, domain=domain or None, **attrs))
         return output
 
+    def need(self, opset: int, why: str) -> None:
+        self.needed.setdefault(opset, why)
 
-def normalize_nodes(b: Builder, op: Op, x: str) -> str:
-    """(x - mean) / std with the artifact's statistics: users feed raw features."""
-    mean = op.module.mean.numpy().astype(np.float32)
-    std = op.module.std.numpy().astype(np.float32)
-    b.node("Sub", [x, b.init(f"{op.name}.mean", mean)], f"{op.out}.centered")
-    return b.node("Div", [f"{op.out}.centered", b.init(f"{op.name}.std", std)], f"{op.out}.float")
+    def allows(self, opset: int) -> bool:
+        return self.opset is None or self.opset >= opset
 
 
-def conv_attrs(m: nn.Conv2d) -> dict:
-    ph, pw = m.padding
-    return {"kernel_shape": list(m.kernel_size), "strides": list(m.stride), "pads": [ph, pw, ph, pw],
-            "dilations": list(m.dilation), "group": m.groups}
+def narrowest_type(b: Builder, lc: LayerCodes) -> tuple[str, type]:
+    """The smallest signed ONNX integer type holding every code of the layer that the opset allows."""
+    for name, dtype, qmax, opset in INT_TYPES:
+        if lc.codes.qmax <= qmax and b.allows(opset):
+            b.need(opset, f"{name} weights")
+            return name, dtype
+    raise UserError(f"{lc.codes.describe()} codes need INT16 weights, which need opset 21: use --opset 21 or higher")
 
 
-def pool_attrs(m: nn.Module) -> dict:
-    def pair(v):
-        return [v, v] if isinstance(v, int) else list(v)
+def float_weight(ctx: Ctx, op: Op) -> str:
+    """A linear/conv weight for float compute: the codes (narrowest int type) -> DequantizeLinear(α,
+    axis 0) named `<layer>.weight` when quantized, else the float weight itself."""
+    b, lc = ctx.b, ctx.layers.get(op.name)
+    if lc is None:
+        return b.init(f"{op.name}.weight", op.module.weight.detach().numpy().astype(np.float32))
+    _, dtype = narrowest_type(b, lc)
+    codes = b.init(f"{op.name}.codes", lc.q.numpy().astype(dtype))
+    alpha = b.init(f"{op.name}.alpha", lc.alpha.numpy().astype(np.float32))
+    attrs = {"axis": 0} if lc.per_channel else {}
+    return b.node("DequantizeLinear", [codes, alpha], f"{op.name}.weight", **attrs)
 
-    k = pair(m.kernel_size)
-    s = pair(m.stride if m.stride is not None else m.kernel_size)
-    p = pair(m.padding)
-    attrs = {"kernel_shape": k, "strides": s, "pads": [p[0], p[1], p[0], p[1]], "ceil_mode": int(m.ceil_mode)}
-    if isinstance(m, nn.MaxPool2d):
-        attrs["dilations"] = pair(m.dilation)
-    else:
-        attrs["count_include_pad"] = int(m.count_include_pad)
-    return attrs
+
+def float_bias(ctx: Ctx, op: Op) -> list[str]:
+    m = op.module
+    return [ctx.b.init(f"{op.name}.bias", m.bias.detach().numpy().astype(np.float32))] if m.bias is not None else []
+
+
+def int_weight(ctx: Ctx, op: Op) -> tuple[IntLayer, list[str]]:
+    """The integer layout of a quantized linear/conv and its initializers (codes, w_scale,
+    w_zero_point, bias_int32), for the input's activation scale."""
+    b = ctx.b
+    il = integer_layer(op, ctx.layers[op.name], ctx.qp[op.inputs[0]].scale)
+    return il, [b.init(f"{op.name}.codes", il.q), b.init(f"{op.name}.w_scale", il.w_scale),
+                b.init(f"{op.name}.w_zero_point", np.zeros(il.w_scale.shape, np.int8)),
+                b.init(f"{op.name}.bias_int32", il.bias)]
+
+
+def qname(v: str) -> str:
+    """Name of the uint8 tensor holding value v (the float `logits` is the graph output)."""
+    return {OUTPUT: "logits.q", INPUT: "input.q"}.get(v, v)
+
+
+class QParamInits:
+    """One `<value>.scale` / `<value>.zero_point` initializer pair per quantized value."""
+
+    def __init__(self, b: Builder, qp: dict):
+        self.b, self.qp, self.dqs = b, qp, set()
+
+    def __call__(self, v: str) -> list[str]:
+        s, z = f"{qname(v)}.scale", f"{qname(v)}.zero_point"
+        if s not in self.b.names:
+            self.b.init(s, np.float32(self.qp[v].scale))
+            self.b.init(z, np.uint8(self.qp[v].zero_point))
+        return [s, z]
+
+    def dq(self, v: str) -> str:
+        """The float DequantizeLinear of value v, built once however many ops read it."""
+        out = f"{qname(v)}.dq"
+        if out not in self.dqs:
+            self.dqs.add(out)
+            self.b.node("DequantizeLinear", [qname(v), *self(v)], out)
+        return out
+
+
+def bn_node(b: Builder, bn: nn.Module, prefix: str, x: str, out: str) -> str:
+    """Eval-mode BatchNormalization with the module's statistics (exact float semantics)."""
+    c = bn.num_features
+    gamma = bn.weight.detach().numpy() if bn.affine else np.ones(c, np.float32)
+    beta = bn.bias.detach().numpy() if bn.affine else np.zeros(c, np.float32)
+    ins = [x] + [b.init(f"{prefix}.bn_{k}", np.asarray(v, np.float32)) for k, v in
+                 (("gamma", gamma), ("beta", beta), ("mean", bn.running_mean.numpy()), ("var", bn.running_var.numpy()))]
+    return b.node("BatchNormalization", ins, out, epsilon=float(bn.eps))
 
 
 def metadata(art, form: str, extra: dict | None = None) -> dict[str, str]:
@@ -354,9 +245,10 @@ def metadata(art, form: str, extra: dict | None = None) -> dict[str, str]:
     return meta
 
 
-def finish(b: Builder, input_shape: tuple[int, ...], num_classes: int, meta: dict[str, str], out_type: int | None = None):
-    """The checked ModelProto: dynamic batch axis `batch`, opset 21 (25 when INT2 is used),
-    com.microsoft when used, metadata_props, `check_model(full_check=True)`."""
+def finish(b: Builder, input_shape: list[int], output_shape: list[int], meta: dict[str, str]):
+    """The checked ModelProto: dynamic batch axis `batch`, the lowest opset what was emitted needs
+    (or the one asked for, refused when too low), com.microsoft when used, metadata_props,
+    `check_model(full_check=True)`."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -365,10 +257,13 @@ def finish(b: Builder, input_shape: tuple[int, ...], num_classes: int, meta: dic
     graph = helper.make_graph(
         b.nodes, "qexport",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", *input_shape])],
-        [helper.make_tensor_value_info(OUTPUT, out_type or TensorProto.FLOAT, ["batch", num_classes])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", *output_shape])],
         b.inits,
     )
-    opsets = [helper.make_opsetid("", 25 if b.uses_int2 else 21)]
+    need = max(b.needed)
+    if b.opset is not None and b.opset < need:
+        raise UserError(f"this graph needs opset {need} ({b.needed[need]}); --opset {b.opset} is too low")
+    opsets = [helper.make_opsetid("", b.opset or need)]
     if b.uses_ms:
         opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
     model = helper.make_model(graph, opset_imports=opsets, producer_name="qexport", producer_version=qexport.__version__)

@@ -16,17 +16,13 @@ import torch
 from tqdm import tqdm
 
 from qadmm.errors import UserError
-from qexport.onnx.builder import INPUT, Op, evaluate
+from qexport.graph import evaluate
+from qexport.onnx.integer import QParams
+from qexport.onnx.qoperator import reads_input
+from qexport.ops import KINDS
+from qexport.ops.base import INPUT, Op
 
-METHODS = ("minmax", "percentile")
-# Values whose uint8 encoding is inherited from their input (exact in uint8: order-preserving).
-PASS_THROUGH = ("flatten", "maxpool")
-
-
-@dataclass(frozen=True)
-class QParams:
-    scale: np.float32
-    zero_point: np.uint8
+RANGES = ("minmax", "percentile")
 
 
 @dataclass
@@ -53,15 +49,16 @@ def qparams_from_range(lo: float, hi: float) -> QParams:
 
 
 def quantized_values(ops: list[Op]) -> list[str]:
-    """The values an integer graph holds in uint8 with their own calibrated parameters."""
-    raw = [INPUT] if any(INPUT in op.inputs for op in ops) else []  # a model without Normalize
-    return raw + [op.out for op in ops if op.kind not in PASS_THROUGH]
+    """The values an integer graph holds in uint8 with their own calibrated parameters (a
+    pass-through op's value shares its input's)."""
+    raw = [INPUT] if reads_input(ops) else []
+    return raw + [op.out for op in ops if not KINDS[op.kind].pass_through]
 
 
 def calibrate(ops: list[Op], x_train: np.ndarray, cfg: CalibConfig, progress: bool = True) -> dict[str, QParams]:
     """QParams for every value of `ops` (pass-through values share their input's)."""
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown calibration method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    if cfg.method not in RANGES:
+        raise UserError(f"unknown calibration method {cfg.method!r}: use one of {', '.join(RANGES)}")
     if not 50.0 < cfg.percentile <= 100.0:
         raise UserError(f"--percentile must be in (50, 100], got {cfg.percentile}")
     if len(x_train) == 0:
@@ -89,9 +86,9 @@ def calibrate(ops: list[Op], x_train: np.ndarray, cfg: CalibConfig, progress: bo
     if INPUT in lo:
         out[INPUT] = qparams_from_range(agg_lo(lo[INPUT]), agg_hi(hi[INPUT]))
     for op in ops:
-        if op.kind in PASS_THROUGH:
+        if KINDS[op.kind].pass_through:
             out[op.out] = out[op.inputs[0]]
         else:
-            lo_v = 0.0 if op.relu or op.kind == "relu" else agg_lo(lo[op.out])
+            lo_v = 0.0 if op.relu or KINDS[op.kind].nonnegative else agg_lo(lo[op.out])
             out[op.out] = qparams_from_range(lo_v, agg_hi(hi[op.out]))
     return out

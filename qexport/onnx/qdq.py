@@ -11,39 +11,21 @@ dequantized values, which agrees with the integer kernels up to one step at roun
 """
 from __future__ import annotations
 
-import numpy as np
-
-from qexport.onnx.calibrate import QParams
-from qexport.onnx.builder import INPUT, OUTPUT, Op, conv_attrs, finish, integer_layer, metadata, normalize_nodes
-from qexport.onnx.qoperator import qname, start_integer_graph
-from qexport.onnx.weights import emit_float_op
+from qexport.onnx.builder import qname
+from qexport.onnx.qoperator import end_integer_graph, float_island, start_integer_graph
+from qexport.ops import KINDS
+from qexport.ops.base import Op
 
 
-def export_qdq(art, ops: list[Op], qp: dict[str, QParams], calib: dict):
-    b, qpi = start_integer_graph(art, ops, qp)
+def export_qdq(art, ops: list[Op], qp: dict, calib: dict, opset: int | None = None):
+    ctx = start_integer_graph(art, ops, qp, opset)
+    b = ctx.b
     for op in ops:
-        y = qname(op.out)
-        if op.kind == "normalize":
-            b.node("QuantizeLinear", [normalize_nodes(b, op, INPUT), *qpi(op.out)], y)
-            continue
-        x = [qpi.dq(i) for i in op.inputs]
-        if op.kind in ("linear", "conv") and op.name in art.layers:
-            il = integer_layer(op, art.layers[op.name], qp[op.inputs[0]].scale)
-            cout = il.q.shape[0]
-            axis = {"axis": 0} if il.w_scale.ndim else {}
-            w = b.node("DequantizeLinear", [b.init(f"{op.name}.codes", il.q), b.init(f"{op.name}.w_scale", il.w_scale),
-                                            b.init(f"{op.name}.w_zero_point", np.zeros(il.w_scale.shape, np.int8))], f"{op.name}.weight", **axis)
-            bias = b.node("DequantizeLinear", [b.init(f"{op.name}.bias_int32", il.bias), b.init(f"{op.name}.bias_scale", il.bias_scale),
-                                               b.init(f"{op.name}.bias_zero_point", np.zeros(cout, np.int32))], f"{op.name}.bias", axis=0)
-            core = f"{op.out}.float" if not op.relu else f"{op.out}.prerelu"
-            if op.kind == "conv":
-                b.node("Conv", [x[0], w, bias], core, **conv_attrs(op.module))
-            else:
-                b.node("Gemm", [x[0], w, bias], core, transB=1)
-            yf = b.node("Relu", [core], f"{op.out}.float") if op.relu else core
+        kind = KINDS[op.kind]
+        core = f"{op.out}.prerelu" if op.relu else f"{op.out}.float"
+        if not kind.float_input and kind.qdq(ctx, op, [ctx.qpi.dq(i) for i in op.inputs], core):
+            y = b.node("Relu", [core], f"{op.out}.float") if op.relu else core
+            b.node("QuantizeLinear", [y, *ctx.qpi(op.out)], qname(op.out))
         else:
-            yf = emit_float_op(b, op, x, art.layers, f"{op.out}.float")
-        b.node("QuantizeLinear", [yf, *qpi(op.out)], y)
-    b.node("DequantizeLinear", [qname(OUTPUT), *qpi(OUTPUT)], OUTPUT)
-    arch = art.meta["architecture"]
-    return finish(b, tuple(arch["input_shape"]), arch["num_classes"], metadata(art, "qdq", {"calibration": calib}))
+            float_island(ctx, op)
+    return end_integer_graph(ctx, art, "qdq", calib)

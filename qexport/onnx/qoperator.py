@@ -1,28 +1,23 @@
 """`--form qoperator`: integer compute with onnxruntime's QLinear operators.
 
-input -> (x - mean)/std -> QuantizeLinear(uint8) -> QLinearConv / QGemm (int8 codes, zero point 0,
-scale α, or α·γ/σ per channel with a folded BatchNorm; int32 bias with scale x_s·w_s; a following
-ReLU folded into the requantization by a zero point of 0) -> QLinearAdd for residuals ->
-QLinearGlobalAveragePool -> ... -> DequantizeLinear -> logits.
+input -> [(x - mean)/std] -> QuantizeLinear(uint8) -> QLinearConv / QGemm (int8 codes, zero point
+0, scale α, or α·γ/σ per channel with a folded BatchNorm; int32 bias with scale x_s·w_s; a
+following ReLU folded into the requantization by a zero point of 0) -> QLinearAdd for residuals
+-> QLinearGlobalAveragePool -> ... -> DequantizeLinear -> output.
 
 Linear layers use com.microsoft QGemm rather than QLinearMatMul: QGemm takes the int32 bias and
 `transB`, so the codes keep the artifact's (out, in) layout and the bias needs no extra node.
-Layers without an integer kernel here (a layer kept float, a lone BatchNorm/ReLU, AvgPool2d) run
-as a float island DequantizeLinear -> float op -> QuantizeLinear.
+Each op kind says whether it has an integer kernel (`qexport/ops/`); one without (a layer kept
+float, a lone BatchNorm, a sigmoid, LayerNorm, ...) runs as a float island DequantizeLinear ->
+float op -> QuantizeLinear.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from qadmm.errors import UserError
-from qexport.onnx.calibrate import QParams
-from qexport.onnx.builder import INPUT, MS_DOMAIN, OUTPUT, Builder, Op, conv_attrs, finish, integer_layer, metadata, normalize_nodes, pool_attrs
+from qexport.onnx.builder import Builder, QParamInits, finish, metadata, qname
 from qexport.onnx.weights import emit_float_op
-
-
-def qname(v: str) -> str:
-    """Name of the uint8 tensor holding value v (the float `logits` is the graph output)."""
-    return {OUTPUT: "logits.q", INPUT: "input.q"}.get(v, v)
+from qexport.ops import KINDS
+from qexport.ops.base import INPUT, OUTPUT, Ctx, Op
 
 
 def check_int8(art) -> None:
@@ -33,75 +28,37 @@ def check_int8(art) -> None:
                             f"need codes within ±127; export with --form weights (INT16) or quantize with --scheme symmetric")
 
 
-class QParamInits:
-    """One `<value>.scale` / `<value>.zero_point` initializer pair per quantized value."""
-
-    def __init__(self, b: Builder, qp: dict[str, QParams]):
-        self.b, self.qp, self.dqs = b, qp, set()
-
-    def __call__(self, v: str) -> list[str]:
-        s, z = f"{qname(v)}.scale", f"{qname(v)}.zero_point"
-        if s not in self.b.names:
-            self.b.init(s, np.float32(self.qp[v].scale))
-            self.b.init(z, np.uint8(self.qp[v].zero_point))
-        return [s, z]
-
-    def dq(self, v: str) -> str:
-        """The float DequantizeLinear of value v, built once however many ops read it."""
-        out = f"{qname(v)}.dq"
-        if out not in self.dqs:
-            self.dqs.add(out)
-            self.b.node("DequantizeLinear", [qname(v), *self(v)], out)
-        return out
+def reads_input(ops: list[Op]) -> bool:
+    """Whether the integer graph quantizes the raw input (an op other than the normalisation reads it)."""
+    return any(INPUT in op.inputs and not KINDS[op.kind].float_input for op in ops)
 
 
-def weight_inits(b: Builder, op: Op, art, x_scale: np.float32) -> tuple[str, str, str, str]:
-    """(codes, w_scale, w_zero_point, int32 bias) initializers of a quantized linear/conv."""
-    il = integer_layer(op, art.layers[op.name], x_scale)
-    return (b.init(f"{op.name}.codes", il.q), b.init(f"{op.name}.w_scale", il.w_scale),
-            b.init(f"{op.name}.w_zero_point", np.zeros(il.w_scale.shape, np.int8)), b.init(f"{op.name}.bias_int32", il.bias))
-
-
-def emit_island(b: Builder, op: Op, art, qpi: QParamInits) -> None:
-    """DequantizeLinear inputs -> float op -> QuantizeLinear (same arithmetic in qdq)."""
-    y = emit_float_op(b, op, [qpi.dq(i) for i in op.inputs], art.layers, f"{op.out}.float")
-    b.node("QuantizeLinear", [y, *qpi(op.out)], qname(op.out))
-
-
-def start_integer_graph(art, ops: list[Op], qp: dict[str, QParams]) -> tuple[Builder, QParamInits]:
+def start_integer_graph(art, ops: list[Op], qp: dict, opset: int | None) -> Ctx:
     """What both integer forms begin with: refuse codes beyond int8, quantize the raw input if read."""
     check_int8(art)
-    b = Builder()
-    qpi = QParamInits(b, qp)
-    if any(INPUT in op.inputs for op in ops):
-        b.node("QuantizeLinear", [INPUT, *qpi(INPUT)], qname(INPUT))
-    return b, qpi
+    b = Builder(opset)
+    ctx = Ctx(b, art.layers, qp, QParamInits(b, qp), art.graph.shapes)
+    if reads_input(ops):
+        b.node("QuantizeLinear", [INPUT, *ctx.qpi(INPUT)], qname(INPUT))
+    return ctx
 
 
-def export_qoperator(art, ops: list[Op], qp: dict[str, QParams], calib: dict):
-    b, qpi = start_integer_graph(art, ops, qp)
+def float_island(ctx: Ctx, op: Op) -> None:
+    """DequantizeLinear inputs -> float op -> QuantizeLinear; the normalisation reads the raw input."""
+    kind = KINDS[op.kind]
+    ins = op.inputs if kind.float_input else [ctx.qpi.dq(i) for i in op.inputs]
+    y = emit_float_op(ctx, op, ins, f"{op.out}.float")
+    ctx.b.node("QuantizeLinear", [y, *ctx.qpi(op.out)], qname(op.out))
+
+
+def end_integer_graph(ctx: Ctx, art, form: str, calib: dict):
+    ctx.b.node("DequantizeLinear", [qname(OUTPUT), *ctx.qpi(OUTPUT)], OUTPUT)
+    return finish(ctx.b, art.graph.input_shape, art.graph.shapes[OUTPUT], metadata(art, form, {"calibration": calib}))
+
+
+def export_qoperator(art, ops: list[Op], qp: dict, calib: dict, opset: int | None = None):
+    ctx = start_integer_graph(art, ops, qp, opset)
     for op in ops:
-        x = [qname(i) for i in op.inputs]
-        y = qname(op.out)
-        quantized = op.kind in ("linear", "conv") and op.name in art.layers
-        if op.kind == "normalize":
-            b.node("QuantizeLinear", [normalize_nodes(b, op, INPUT), *qpi(op.out)], y)
-        elif quantized:
-            w, ws, wz, bias = weight_inits(b, op, art, qp[op.inputs[0]].scale)
-            if op.kind == "conv":
-                b.node("QLinearConv", [x[0], *qpi(op.inputs[0]), w, ws, wz, *qpi(op.out), bias], y, **conv_attrs(op.module))
-            else:
-                b.node("QGemm", [x[0], *qpi(op.inputs[0]), w, ws, wz, bias, *qpi(op.out)], y, domain=MS_DOMAIN, transB=1)
-        elif op.kind == "add":
-            b.node("QLinearAdd", [x[0], *qpi(op.inputs[0]), x[1], *qpi(op.inputs[1]), *qpi(op.out)], y, domain=MS_DOMAIN)
-        elif op.kind == "flatten":
-            b.node("Flatten", x, y, axis=1)
-        elif op.kind == "maxpool":
-            b.node("MaxPool", x, y, **pool_attrs(op.module))
-        elif op.kind == "gap" and not op.relu:
-            b.node("QLinearGlobalAveragePool", [x[0], *qpi(op.inputs[0]), *qpi(op.out)], y, domain=MS_DOMAIN, channels_last=0)
-        else:
-            emit_island(b, op, art, qpi)
-    b.node("DequantizeLinear", [qname(OUTPUT), *qpi(OUTPUT)], OUTPUT)
-    arch = art.meta["architecture"]
-    return finish(b, tuple(arch["input_shape"]), arch["num_classes"], metadata(art, "qoperator", {"calibration": calib}))
+        if not KINDS[op.kind].qoperator(ctx, op, [qname(i) for i in op.inputs], qname(op.out)):
+            float_island(ctx, op)
+    return end_integer_graph(ctx, art, "qoperator", calib)

@@ -19,12 +19,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qadmm.errors import UserError
-from qexport.onnx.calibrate import PASS_THROUGH, QParams
-from qexport.onnx.builder import INPUT, OUTPUT, Op, apply_op, evaluate, integer_layer, read_metadata, trace
-from qexport.onnx.qoperator import qname
+from qexport.graph import apply_op, evaluate, fuse
+from qexport.onnx.builder import integer_layer, qname, read_metadata
+from qexport.onnx.integer import QParams, from_uint8, to_uint8
+from qexport.onnx.qoperator import reads_input
+from qexport.ops import KINDS
+from qexport.ops.base import INPUT, OUTPUT, Ctx, Op
 from qexport.onnx.runner import SATURATION_SAFE_CODE, cpu_has_vnni, max_code
 
 FORMS = ("weights", "qdq", "qoperator")
@@ -42,88 +44,25 @@ class Tolerance:
 
 
 # ---------------------------------------------------------------------------------------------
-# The integer reference (ORT x86 arithmetic, toolchains.md §3).
-
-def quantize(x: torch.Tensor, p: QParams) -> torch.Tensor:
-    """ORT QuantizeLinear to uint8: x / s in fp32, clamp to [-zp, 255-zp], round half even, + zp."""
-    zp = float(p.zero_point)
-    v = x.to(torch.float32) / torch.tensor(p.scale, dtype=torch.float32)
-    return torch.round(torch.clamp(v, -zp, 255.0 - zp)).to(torch.int64) + int(p.zero_point)
-
-
-def dequantize(q: torch.Tensor, p: QParams) -> torch.Tensor:
-    return (q - int(p.zero_point)).to(torch.float32) * torch.tensor(p.scale, dtype=torch.float32)
-
-
-def requantize(acc: torch.Tensor, m: np.ndarray, p: QParams, channel_dim: int) -> torch.Tensor:
-    """fp32(acc) · m (per channel), clamp, round half even, + y_zp: MlasRequantizeOutput."""
-    mt = torch.as_tensor(np.asarray(m, np.float32))
-    if mt.dim() == 1:
-        mt = mt.reshape(-1, *([1] * (acc.dim() - channel_dim - 1)))
-    zp = float(p.zero_point)
-    f = acc.to(torch.int32).to(torch.float32) * mt
-    return torch.round(torch.clamp(f, -zp, 255.0 - zp)).to(torch.int64) + int(p.zero_point)
-
-
-def _qlinear(op: Op, art, xq: torch.Tensor, px: QParams, py: QParams) -> torch.Tensor:
-    il = integer_layer(op, art.layers[op.name], px.scale)
-    cout = il.q.shape[0]
-    w = torch.as_tensor(il.q.astype(np.float64))
-    xc = (xq - int(px.zero_point)).to(torch.float64)  # exact integers in float64 (|acc| << 2^53)
-    if op.kind == "conv":
-        m = op.module
-        acc = F.conv2d(xc, w, None, m.stride, m.padding, m.dilation, m.groups)
-    else:
-        acc = xc @ w.T
-    acc = acc.round().to(torch.int64) + torch.as_tensor(il.bias, dtype=torch.int64).reshape(-1, *([1] * (acc.dim() - 2)))
-    scale = (np.float32(px.scale) * np.broadcast_to(il.w_scale, (cout,)).astype(np.float32)) / np.float32(py.scale)  # m = (x_s·w_s)/y_s
-    return requantize(acc, scale.astype(np.float32), py, 1)
-
-
-def _qadd(a: torch.Tensor, pa: QParams, b: torch.Tensor, pb: QParams, pc: QParams) -> torch.Tensor:
-    """MLAS QLinearAdd on x86: a·(sa/sc) + b·(sb/sc) + (zc - za·sa/sc - zb·sb/sc), every step
-    in fp32 in this order (the zero points folded into one constant), round half even, clamp."""
-    f32 = np.float32
-    ra, rb = f32(f32(pa.scale) / f32(pc.scale)), f32(f32(pb.scale) / f32(pc.scale))
-    const = f32(f32(f32(int(pc.zero_point)) - f32(ra * f32(int(pa.zero_point)))) - f32(rb * f32(int(pb.zero_point))))
-    f = a.to(torch.float32) * float(ra) + b.to(torch.float32) * float(rb)  # each product and the sum in fp32
-    f = f + float(const)
-    return torch.clamp(torch.round(f), 0, 255)
-
-
-def _qgap(x: torch.Tensor, px: QParams, py: QParams) -> torch.Tensor:
-    """MLAS QLinearGlobalAveragePool: (Σx - n·zx) · (sx / (sy·n)) in fp32, round, + zy, clamp."""
-    n = x.shape[2] * x.shape[3]
-    acc = x.sum(dim=(2, 3), keepdim=True) - n * int(px.zero_point)
-    s = torch.tensor(np.float32(px.scale) / (np.float32(py.scale) * np.float32(n)), dtype=torch.float32)
-    return torch.clamp(torch.round(acc.to(torch.float32) * s) + int(py.zero_point), 0, 255)
-
+# The integer reference (ORT x86 arithmetic, `qexport.onnx.integer`), op by op through the kinds.
 
 @torch.no_grad()
 def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every uint8 value of the qdq/qoperator graph (as int64 tensors, keyed by tensor name), and
     the float `logits`, computed from the artifact with onnxruntime's integer arithmetic."""
+    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes)
     q: dict[str, torch.Tensor] = {}
     if INPUT in qp:
-        q[INPUT] = quantize(x, qp[INPUT])
+        q[INPUT] = to_uint8(x, qp[INPUT])
     for op in ops:
-        if op.kind == "normalize":
-            y = quantize(op.module(x), qp[op.out])
-        elif op.kind in ("linear", "conv") and op.name in art.layers:
-            y = _qlinear(op, art, q[op.inputs[0]], qp[op.inputs[0]], qp[op.out])
-        elif op.kind == "add":
-            y = _qadd(q[op.inputs[0]], qp[op.inputs[0]], q[op.inputs[1]], qp[op.inputs[1]], qp[op.out])
-        elif op.kind == "flatten":
-            y = torch.flatten(q[op.inputs[0]], 1)
-        elif op.kind == "maxpool":
-            y = op.module(q[op.inputs[0]].to(torch.float64)).to(torch.int64)
-        elif op.kind == "gap" and not op.relu:
-            y = _qgap(q[op.inputs[0]], qp[op.inputs[0]], qp[op.out])
-        else:  # float island: DQ -> float op -> Q
-            y = quantize(apply_op(op, [dequantize(q[i], qp[i]) for i in op.inputs]), qp[op.out])
+        kind = KINDS[op.kind]
+        y = None if kind.float_input else kind.integer(ctx, op, [q[i] for i in op.inputs])
+        if y is None:  # float island: DQ -> float op -> Q
+            xs = [x] if kind.float_input else [from_uint8(q[i], qp[i]) for i in op.inputs]
+            y = to_uint8(apply_op(op, xs), qp[op.out])
         q[op.out] = y.to(torch.int64)
     out = {qname(v): t for v, t in q.items()}
-    out[OUTPUT] = dequantize(q[OUTPUT], qp[OUTPUT])
+    out[OUTPUT] = from_uint8(q[OUTPUT], qp[OUTPUT])
     return out
 
 
@@ -147,10 +86,10 @@ def read_qparams(model, ops: list[Op]) -> dict[str, QParams]:
                             f"from this artifact's model, or was edited")
         return QParams(np.float32(numpy_helper.to_array(inits[s])), np.uint8(numpy_helper.to_array(inits[z])))
 
-    if any(INPUT in op.inputs for op in ops):
+    if reads_input(ops):
         qp[INPUT] = get(INPUT)
     for op in ops:
-        qp[op.out] = qp[op.inputs[0]] if op.kind in PASS_THROUGH else get(op.out)
+        qp[op.out] = qp[op.inputs[0]] if KINDS[op.kind].pass_through else get(op.out)
     return qp
 
 
@@ -235,7 +174,7 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
     if form not in FORMS:
         raise UserError(f"{model_path} was not written by `qexport to-onnx` (no qexport.form in its metadata): "
                         f"`qexport run` evaluates any ONNX classifier, `verify` needs a qexport export")
-    ops = trace(art.model)
+    ops = fuse(art.graph)
     integer = form != "weights"
     xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
     qp = read_qparams(model, ops) if integer else None

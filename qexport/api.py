@@ -1,0 +1,174 @@
+"""The Python API: a float model in, a self-contained artifact out, then ONNX and its check.
+
+    import qexport
+    art = qexport.quantize(model, data, method="gptq", bits=4, per_channel=True)
+    art.save("model.qx.safetensors")
+    qexport.to_onnx(art, "model.onnx", form="qoperator", calib_data=data)
+    report = qexport.verify("model.onnx", art, data)
+
+`data` is a `qadmm.data.Dataset` (`qexport.load_data("digits")`, ...) or `(x_train, y_train,
+x_test, y_test)` arrays. The CLI calls these same functions; the metadata every file records
+(method, bits, hyperparameters, data, seed, versions, graph) is built here and nowhere else.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from qadmm import methods
+from qadmm.data import Dataset, from_arrays
+from qadmm.errors import UserError
+from qadmm.spec import QuantSpec
+from qadmm.train import accuracy
+from qadmm.zoo import Normalize
+from qexport.artifact import Artifact, load_artifact
+from qexport.fileio import versions
+from qexport.graph import trace
+
+DEFAULT_METHOD = "lq"
+
+
+def as_dataset(data: Any, seed: int = 0) -> Dataset:
+    """A Dataset, or (x_train, y_train, x_test, y_test) arrays split into train/val by `seed`."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 4:
+        arrs = [d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d) for d in data]
+        return from_arrays("arrays", *arrs, info={"source": "arrays given to qexport.quantize"}, seed=seed)
+    raise UserError(f"data must be a qadmm Dataset or (x_train, y_train, x_test, y_test) arrays, got {type(data).__name__}")
+
+
+def normalization(spec: str | Sequence | None, data: Dataset) -> dict:
+    """What `normalize` asks for, as recorded in the artifact: none, fit (mean/std of the training
+    split, per channel for images), or given "MEAN,STD" / (mean, std)."""
+    if spec in (None, "none"):
+        return {"type": "none"}
+    if spec == "fit":
+        return {"type": "standardize", "mean": data.mean.tolist(), "std": data.std.tolist(), "fitted_on": "train split"}
+    if isinstance(spec, str):
+        try:
+            mean, std = (float(v) for v in spec.split(","))
+        except ValueError:
+            raise UserError(f"--normalize {spec!r}: use none, fit, or MEAN,STD (e.g. 0.1307,0.3081)") from None
+    else:
+        mean, std = spec
+    if not np.all(np.asarray(std, np.float64) > 0):
+        raise UserError(f"normalize: std must be positive, got {std}")
+    return {"type": "standardize", "mean": np.asarray(mean, np.float32).tolist(), "std": np.asarray(std, np.float32).tolist(),
+            "fitted_on": "given"}
+
+
+def with_normalization(model: nn.Module, pre: dict) -> nn.Module:
+    """The model behind Normalize(mean, std) when asked (its layers are then named body.<name>)."""
+    if pre["type"] == "none":
+        return model
+    return nn.Sequential(OrderedDict(normalize=Normalize(np.asarray(pre["mean"]), np.asarray(pre["std"])), body=model))
+
+
+def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: int = 4, *, scheme: str | None = None,
+             per_channel: bool = False, layer_bits: dict[str, int] | None = None, exclude: Sequence[str] = (),
+             keep_first: bool = False, keep_last: bool = False, params: Any = None, normalize: str | Sequence | None = None,
+             calib_samples: int = 2048, bn_reestimate: bool | None = None, bias_correction: bool | None = None,
+             seed: int = 0, device: str = "cpu", progress: bool = False, model_name: str | None = None,
+             source: dict | None = None) -> Artifact:
+    """Quantize a trained float model's weights with back-end `method`; the artifact, in memory
+    (`art.save(path)` writes it).
+
+    `params` is the method's typed config (e.g. `qadmm.methods.gptq.Params(damp=0.01)`) or a dict
+    of overrides; `layer_bits` maps layer-name patterns to bit widths (mixed precision) and
+    `exclude` leaves matching layers float. `normalize` puts (x - mean)/std in front of the model
+    ("fit" on the training split, or (mean, std)); the default None adds nothing. The model is
+    traced first, so an unsupported op is refused before any work. The caller's model is not
+    modified."""
+    data = as_dataset(data, seed)
+    if params is not None and dataclasses.is_dataclass(params):
+        params = dataclasses.asdict(params)
+    spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
+                     seed=seed, params=dict(params or {}), progress=progress, calib_samples=calib_samples,
+                     bn_reestimate=bn_reestimate, bias_correction=bias_correction, device=device,
+                     layer_bits=dict(layer_bits or {}), exclude=tuple(exclude))
+    methods.check(method, spec)
+    pre = normalization(normalize, data)
+    model = with_normalization(copy.deepcopy(model), pre).eval()
+    graph = trace(model, data.input_shape)  # refuses unsupported ops now, not after minutes of work
+    first = graph.ops[0]
+    if pre["type"] == "none" and first.kind == "normalize" and first.inputs == ["input"]:  # a zoo model's own
+        pre = {"type": "standardize", "mean": first.module.mean.tolist(), "std": first.module.std.tolist(),
+               "fitted_on": "inside the model (train split)"}
+    float_acc = accuracy(model, data.x_test, data.y_test)
+    t0 = time.time()
+    result = methods.quantize(method, model, data, spec)
+    seconds = time.time() - t0
+    q_acc = accuracy(result.model, data.x_test, data.y_test)
+    codes = spec.codes
+    meta = {
+        "architecture": {"model": model_name or type(model).__name__, "input_shape": list(data.input_shape),
+                         "num_classes": data.num_classes},
+        "preprocessing": pre,
+        "dataset": data.describe(),
+        "float_model": source or {},
+        "method": {"name": method, "params": result.params, "seconds": round(seconds, 2)},
+        "spec": {"bits": bits, "scheme": codes.scheme, "per_channel": per_channel, "keep_first": keep_first,
+                 "keep_last": keep_last, "layer_bits": spec.layer_bits, "exclude": list(spec.exclude), "seed": seed,
+                 "calib_samples": calib_samples, "bn_reestimate": bn_reestimate, "bias_correction": bias_correction,
+                 "device": device},
+        "recalibration": result.recalibration,
+        "history": result.history,
+        "accuracy": {"float_test": float_acc, "quantized_test": q_acc,
+                     "quantized_val": accuracy(result.model, data.x_val, data.y_val)},
+        "versions": versions(),
+        "command": "qexport " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "qexport" else "python API",
+    }
+    return Artifact.create(result.model, result.layers, meta, graph)
+
+
+def load(path: str | Path) -> Artifact:
+    """An artifact from disk (checked: format, version, content hash, graph); no code is imported."""
+    return load_artifact(path)
+
+
+def to_onnx(art: Artifact, path: str | Path | None = None, form: str = "qdq", calib_data: Any = None,
+            opset: int | None = None, calibration: str = "minmax", percentile: float = 99.99,
+            calib_batches: int = 8, calib_batch_size: int = 64, progress: bool = False):
+    """The ONNX ModelProto of `art` in `form` (weights | qdq | qoperator), written to `path` when
+    given. Integer forms calibrate activation ranges on `calib_data`'s training split."""
+    import onnx
+
+    from qexport.fileio import atomic_path, check_output_path
+    from qexport.onnx.export import FORMS, export_onnx
+    from qexport.onnx.calibrate import CalibConfig
+
+    if form not in FORMS:
+        raise UserError(f"unknown form {form!r}: use one of {', '.join(FORMS)}")
+    if path is not None:
+        check_output_path(path)
+    x_calib, cfg = None, None
+    if form != "weights":
+        if calib_data is None:
+            raise UserError(f"form {form!r} calibrates activation ranges: pass calib_data (a Dataset or arrays)")
+        data = as_dataset(calib_data)
+        x_calib = data.x_train
+        cfg = CalibConfig(calibration, percentile, calib_batches, calib_batch_size, data.info.get("seed", 0))
+    model = export_onnx(art, form, x_calib, cfg, progress=progress, opset=opset)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            onnx.save(model, str(tmp))
+    return model
+
+
+def verify(onnx_path: str | Path, art: Artifact, data: Any, max_samples: int | None = None, tol=None) -> dict:
+    """onnxruntime against the exact PyTorch reference of `art` on `data`'s test split; the report
+    (`report["passed"]`)."""
+    from qexport.onnx.verify import verify as run_verify
+
+    d = as_dataset(data)
+    return run_verify(str(onnx_path), art, d.x_test[:max_samples], d.y_test[:max_samples], tol)

@@ -1,0 +1,300 @@
+"""The model as qexport stores and exports it: a list of `Op`s traced with torch.fx.
+
+`trace(model, input_shape)` reads a user's `nn.Module` (any code torch.fx can trace:
+`x.view(x.size(0), -1)`, functional calls, residual adds) into ops of the kinds registered in
+`qexport.ops`, refusing the first op no kind matches with its name and its line in the user's
+code. The `Graph` is plain JSON (kinds, attributes, parameter names) and is saved in every artifact;
+`GraphModel(graph)` rebuilds a runnable `nn.Module` from it, with the same parameter names as the
+user's model, so every later command works from the file alone: no user code is ever imported.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from qadmm.errors import UserError
+from qexport.ops import IDENTITY_FUNCTIONS, IDENTITY_METHODS, IDENTITY_MODULES, KINDS, kind_of_call, kind_of_module
+from qexport.ops.base import INPUT, OUTPUT, Op, Unsupported
+
+BATCH = "batch"  # marks x.size(0) / x.shape[0] in a traced call's arguments
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+
+
+@dataclass
+class Graph:
+    ops: list[Op]
+    input_shape: list[int]
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # value -> shape without the batch axis
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ops": [op.to_json() for op in self.ops], "input_shape": list(self.input_shape),
+                "shapes": {k: list(v) for k, v in self.shapes.items()}}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "Graph":
+        """A graph read from a file, checked: known kinds, safe names, every input defined before use."""
+        def bad(msg: str) -> UserError:
+            return UserError(f"{where}: invalid model graph ({msg}); the file is corrupted or was edited")
+
+        if not isinstance(d, dict) or not isinstance(d.get("ops"), list) or not d["ops"]:
+            raise bad("no ops")
+        shape = d.get("input_shape")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise bad(f"input shape {shape!r}")
+        defined, ops = {INPUT}, []
+        for o in d["ops"]:
+            if not isinstance(o, dict) or o.get("kind") not in KINDS:
+                raise bad(f"unknown op kind {o.get('kind') if isinstance(o, dict) else o!r}")
+            name, out, ins = o.get("name"), o.get("out"), o.get("inputs")
+            if not (isinstance(name, str) and _NAME.match(name) and isinstance(out, str) and _NAME.match(out)):
+                raise bad(f"op name {name!r} / value {out!r}")
+            if not isinstance(ins, list) or not ins or any(i not in defined for i in ins):
+                raise bad(f"op {name} reads {ins!r} before they are computed")
+            if not isinstance(o.get("attrs", {}), dict):
+                raise bad(f"op {name} attributes")
+            defined.add(out)
+            ops.append(Op(o["kind"], name, list(ins), out, dict(o.get("attrs", {}))))
+        if OUTPUT not in defined:
+            raise bad("no output")
+        shapes = d.get("shapes", {})
+        return cls(ops, shape, {k: list(v) for k, v in shapes.items()} if isinstance(shapes, dict) else {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing a user's model.
+
+class _Tracer(fx.Tracer):
+    """Leaf modules are the registered kinds (and Dropout/Identity); everything else is traced
+    through, so a user's own blocks become the ops they are made of."""
+
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return kind_of_module(m) is not None or isinstance(m, IDENTITY_MODULES) or super().is_leaf_module(m, qualname)
+
+
+def _where(node: fx.Node) -> str:
+    """`file.py:LINE` of the user's code that made this node (from fx's recorded stack)."""
+    lines = [ln for ln in (node.stack_trace or "").splitlines() if ln.strip().startswith("File ")]
+    if not lines:
+        return ""
+    m = re.search(r'File "([^"]+)", line (\d+)', lines[-1])
+    return f" at {m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}" if m else ""
+
+
+def _fn_name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Graph:
+    """The model as a `Graph` of registered op kinds, or a UserError naming the first op that is
+    not supported and where it is in the model's code (checked before any quantization work)."""
+    supported = ", ".join(sorted(KINDS))
+    try:
+        fx_graph = _Tracer().trace(model)
+    except Exception as e:  # data-dependent control flow, unsupported Python in forward
+        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({str(e).splitlines()[0]}): qexport needs a "
+                        "forward without data-dependent Python control flow") from None
+    gm = fx.GraphModule(model, fx_graph)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
+    except Exception as e:
+        raise UserError(f"{type(model).__name__} fails on an input of shape (batch, {', '.join(map(str, input_shape))}): "
+                        f"{str(e).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    alias: dict[str, str] = {}  # value -> the value it is identical to (Dropout, Identity, the input)
+    sym: dict[str, str] = {}  # x.size() / x.shape (whole) and x.size(0) (BATCH)
+    ops: list[Op] = []
+    shapes: dict[str, list[int]] = {INPUT: list(input_shape)}
+    output = None
+
+    def refuse(node: fx.Node, what: str, why: str = "") -> UserError:
+        return UserError(f"unsupported op {what}{_where(node)}{': ' + why if why else ''} "
+                         f"(qexport supports: {supported}; Dropout and Identity pass through)")
+
+    def value(a: Any, node: fx.Node) -> Any:
+        if isinstance(a, fx.Node):
+            if sym.get(a.name) == BATCH:
+                return BATCH
+            if a.name in sym:
+                raise refuse(node, node.name, "a tensor's shape used other than as x.size(0)")
+            return alias.get(a.name, a.name)
+        if isinstance(a, (list, tuple)):
+            return type(a)(value(v, node) for v in a)
+        return a
+
+    for node in fx_graph.nodes:
+        if node.op == "placeholder":
+            if any(v == INPUT for v in alias.values()):
+                raise UserError("the model takes more than one input: qexport supports single-input models")
+            alias[node.name] = INPUT
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node):
+                raise UserError("the model returns more than one tensor (a tuple/dict): qexport supports one output")
+            output = value(out, node)
+            continue
+        if node.op == "get_attr":
+            raise refuse(node, f"{node.target} (a parameter or buffer used directly in forward)",
+                         "put it in a module of a supported kind")
+        target = node.target
+        if node.op == "call_method" and target == "size" or node.op == "call_function" and target is getattr \
+                and len(node.args) == 2 and node.args[1] == "shape":
+            dim = node.args[1] if target == "size" and len(node.args) > 1 else node.kwargs.get("dim")
+            sym[node.name] = BATCH if dim == 0 else "shape"
+            continue
+        if node.op == "call_function" and target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and node.args[0].name in sym:
+            if sym[node.args[0].name] != "shape" or node.args[1] != 0:
+                raise refuse(node, node.name, "a tensor's shape used other than as x.size(0) / x.shape[0]")
+            sym[node.name] = BATCH
+            continue
+        if node.op == "call_module":
+            m = modules[target]
+            if isinstance(m, IDENTITY_MODULES):
+                alias[node.name] = value(node.args[0], node)
+                continue
+            kind = kind_of_module(m)
+            if kind is None:
+                raise refuse(node, f"{target} ({type(m).__name__})")
+            try:
+                attrs = kind.from_module(m)
+            except Unsupported as e:
+                raise refuse(node, f"{target} ({type(m).__name__})", str(e)) from None
+            ins = [value(node.args[0], node)]
+            name = target
+        else:
+            if node.op == "call_function" and any(target is f for f in IDENTITY_FUNCTIONS) \
+                    or node.op == "call_method" and target in IDENTITY_METHODS:
+                alias[node.name] = value(node.args[0], node)
+                continue
+            what = f"{'Tensor.' if node.op == 'call_method' else ''}{_fn_name(target)}"
+            kind = kind_of_call(target, node.op == "call_method")
+            if kind is None:
+                raise refuse(node, f"{node.name} ({what})")
+            try:
+                tensors, attrs = kind.from_call(target, value(tuple(node.args), node), value(dict(node.kwargs), node))
+            except Unsupported as e:
+                raise refuse(node, f"{node.name} ({what})", str(e)) from None
+            ins, name = list(tensors), node.name
+        if any(not isinstance(i, str) or i == BATCH for i in ins):
+            raise refuse(node, node.name, "a constant where a tensor is expected")
+        try:
+            kind.check(attrs, [shapes[i] for i in ins])
+        except Unsupported as e:
+            raise refuse(node, f"{name} ({kind.name})", str(e)) from None
+        ops.append(Op(kind.name, name, ins, node.name, attrs))
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise refuse(node, node.name, "it does not return one tensor")
+        shapes[node.name] = list(meta.shape[1:])
+    if output is None or not ops:
+        raise UserError("the model has no layers to export")
+    if output == INPUT:
+        raise UserError("the model returns its input unchanged: nothing to quantize")
+    # Name the final value OUTPUT so every form's graph output is called `logits`.
+    for op in ops:
+        op.inputs = [OUTPUT if i == output else i for i in op.inputs]
+        if op.out == output:
+            op.out = OUTPUT
+    shapes[OUTPUT] = shapes.pop(output, [])
+    if any(op.out == output for op in ops):
+        raise AssertionError("output renaming")
+    graph = Graph(ops, list(input_shape), shapes)
+    return bind(graph, model)
+
+
+def bind(graph: Graph, model: nn.Module) -> Graph:
+    """The graph's ops with their modules looked up in `model` (a copy; the graph is unchanged)."""
+    ops = []
+    for op in graph.ops:
+        o = copy.copy(op)
+        o.module = model.get_submodule(op.name) if KINDS[op.kind].parametric else None
+        ops.append(o)
+    return Graph(ops, graph.input_shape, graph.shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a graph.
+
+def _place(root: nn.Module, name: str, m: nn.Module) -> None:
+    parent = root
+    *path, leaf = name.split(".")
+    for p in path:
+        if not hasattr(parent, p):
+            parent.add_module(p, nn.Module())
+        parent = getattr(parent, p)
+    if not hasattr(parent, leaf):
+        parent.add_module(leaf, m)
+
+
+class GraphModel(nn.Module):
+    """A runnable model rebuilt from a `Graph`: its modules sit at the user's qualified names,
+    so its state_dict keys (and quantized layer names) are the user's."""
+
+    def __init__(self, graph: Graph):
+        super().__init__()
+        for op in graph.ops:
+            if KINDS[op.kind].parametric:
+                _place(self, op.name, KINDS[op.kind].build(op.attrs))
+        self.graph = bind(graph, self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals = {INPUT: x}
+        for op in self.graph.ops:
+            vals[op.out] = KINDS[op.kind].run(op, [vals[i] for i in op.inputs])
+        return vals[OUTPUT]
+
+
+def apply_op(op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
+    """The float function of one (possibly fused) op, exactly as the PyTorch modules compute it."""
+    y = KINDS[op.kind].run(op, xs)
+    if op.bn is not None:
+        y = op.bn(y)
+    if op.relu:
+        y = torch.relu(y)
+    return y
+
+
+@torch.no_grad()
+def evaluate(ops: list[Op], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every op's float output for input x (eval-mode modules)."""
+    vals = {INPUT: x}
+    for op in ops:
+        vals[op.out] = apply_op(op, [vals[i] for i in op.inputs])
+    return vals
+
+
+def fuse(graph: Graph) -> list[Op]:
+    """The ops for export: a BatchNorm and then a ReLU folded into the linear/conv before them (a
+    ReLU also into an add) where that op is their only producer and they its only consumer."""
+    uses: dict[str, int] = {OUTPUT: 1}
+    for op in graph.ops:
+        for i in op.inputs:
+            uses[i] = uses.get(i, 0) + 1
+    fused: list[Op] = []
+    for op in graph.ops:
+        prev = fused[-1] if fused else None
+        single = prev is not None and op.inputs == [prev.out] and uses.get(prev.out, 0) == 1
+        if single and op.kind == "batchnorm" and prev.kind in ("linear", "conv") and prev.bn is None and not prev.relu:
+            prev.bn, prev.bn_name, prev.out = op.module, op.name, op.out
+        elif single and op.kind == "relu" and prev.kind in ("linear", "conv", "add") and not prev.relu:
+            prev.relu, prev.out = True, op.out
+        else:
+            fused.append(copy.copy(op))
+    return fused

@@ -1,0 +1,80 @@
+"""onnxruntime's integer arithmetic on x86 (toolchains.md §3), in PyTorch: the reference that
+`qexport verify` compares integer graphs with, and what each op kind's `integer` uses.
+
+QuantizeLinear = round_half_even(clamp(x / s, -zp, 255 - zp)) + zp (divide, not multiply by 1/s);
+QLinearConv/QGemm: int32 acc = Σ(x_q - x_zp)·w_q + b_q, then fp32(acc)·m with m = (x_s·w_s)/y_s
+computed in fp32 in that order, clamp, round half to even, add y_zp. QLinearAdd and
+QLinearGlobalAveragePool are emulated in fp32 the way MLAS computes them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from qexport.onnx.builder import IntLayer
+
+
+@dataclass(frozen=True)
+class QParams:
+    """uint8 quantization of one activation value: scale and zero point."""
+
+    scale: np.float32
+    zero_point: np.uint8
+
+
+def to_uint8(x: torch.Tensor, p: QParams) -> torch.Tensor:
+    """ORT QuantizeLinear to uint8: x / s in fp32, clamp to [-zp, 255-zp], round half even, + zp."""
+    zp = float(p.zero_point)
+    v = x.to(torch.float32) / torch.tensor(p.scale, dtype=torch.float32)
+    return torch.round(torch.clamp(v, -zp, 255.0 - zp)).to(torch.int64) + int(p.zero_point)
+
+
+def from_uint8(q: torch.Tensor, p: QParams) -> torch.Tensor:
+    return (q - int(p.zero_point)).to(torch.float32) * torch.tensor(p.scale, dtype=torch.float32)
+
+
+def requantize(acc: torch.Tensor, m: np.ndarray, p: QParams, channel_dim: int) -> torch.Tensor:
+    """fp32(acc) · m (per channel), clamp, round half even, + y_zp: MlasRequantizeOutput."""
+    mt = torch.as_tensor(np.asarray(m, np.float32))
+    if mt.dim() == 1:
+        mt = mt.reshape(-1, *([1] * (acc.dim() - channel_dim - 1)))
+    zp = float(p.zero_point)
+    f = acc.to(torch.int32).to(torch.float32) * mt
+    return torch.round(torch.clamp(f, -zp, 255.0 - zp)).to(torch.int64) + int(p.zero_point)
+
+
+def qlinear(il: IntLayer, xq: torch.Tensor, px: QParams, py: QParams,
+            acc_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """QLinearConv / QGemm: `acc_fn(x - x_zp, w)` is the layer's integer accumulation (conv or
+    matmul), done in float64 where every value is an exact integer (|acc| << 2^53)."""
+    cout = il.q.shape[0]
+    w = torch.as_tensor(il.q.astype(np.float64))
+    acc = acc_fn((xq - int(px.zero_point)).to(torch.float64), w)
+    acc = acc.round().to(torch.int64) + torch.as_tensor(il.bias, dtype=torch.int64).reshape(-1, *([1] * (acc.dim() - 2)))
+    scale = (np.float32(px.scale) * np.broadcast_to(il.w_scale, (cout,)).astype(np.float32)) / np.float32(py.scale)  # m = (x_s·w_s)/y_s
+    return requantize(acc, scale.astype(np.float32), py, 1)
+
+
+def qadd(a: torch.Tensor, pa: QParams, b: torch.Tensor, pb: QParams, pc: QParams) -> torch.Tensor:
+    """MLAS QLinearAdd on x86: a·(sa/sc) + b·(sb/sc) + (zc - za·sa/sc - zb·sb/sc), every step
+    in fp32 in this order (the zero points folded into one constant), round half even, clamp."""
+    f32 = np.float32
+    ra, rb = f32(f32(pa.scale) / f32(pc.scale)), f32(f32(pb.scale) / f32(pc.scale))
+    const = f32(f32(f32(int(pc.zero_point)) - f32(ra * f32(int(pa.zero_point)))) - f32(rb * f32(int(pb.zero_point))))
+    f = a.to(torch.float32) * float(ra) + b.to(torch.float32) * float(rb)  # each product and the sum in fp32
+    f = f + float(const)
+    return torch.clamp(torch.round(f), 0, 255)
+
+
+def qgap(x: torch.Tensor, px: QParams, py: QParams) -> torch.Tensor:
+    """MLAS QLinearGlobalAveragePool: (Σx - n·zx) · (sx / (sy·n)) in fp32, round, + zy, clamp."""
+    dims = tuple(range(2, x.dim()))
+    n = int(np.prod([x.shape[d] for d in dims]))
+    acc = x.sum(dim=dims, keepdim=True) - n * int(px.zero_point)
+    s = torch.tensor(np.float32(px.scale) / (np.float32(py.scale) * np.float32(n)), dtype=torch.float32)
+    return torch.clamp(torch.round(acc.to(torch.float32) * s) + int(py.zero_point), 0, 255)
+
+

@@ -1,0 +1,65 @@
+"""nn.Linear: QGemm (com.microsoft) in QOperator graphs, DQ -> Gemm in QDQ, Gemm in float."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from qexport.onnx.builder import MS_DOMAIN, float_bias, float_weight, int_weight, integer_layer
+from qexport.onnx.integer import qlinear
+from qexport.ops.base import Ctx, Kind, Op, Unsupported
+
+
+class Linear(Kind):
+    name = "linear"
+    modules = (nn.Linear,)
+    parametric = True
+
+    def from_module(self, m: nn.Linear) -> dict:
+        return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+
+    def check(self, attrs: dict, in_shapes: list[list[int]]) -> None:
+        if len(in_shapes[0]) != 1:
+            raise Unsupported(f"Linear on a tensor of shape (batch, {', '.join(map(str, in_shapes[0]))}); "
+                              "qexport exports Linear on (batch, features): flatten before it")
+
+    def build(self, attrs: dict) -> nn.Module:
+        return nn.Linear(attrs["in_features"], attrs["out_features"], bias=attrs["bias"])
+
+    def onnx(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> str:
+        return ctx.b.node("Gemm", [ins[0], float_weight(ctx, op), *float_bias(ctx, op)], out, transB=1)
+
+    def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
+        if op.name not in ctx.layers:
+            return False
+        _, (w, ws, wz, bias) = int_weight(ctx, op)
+        ctx.b.node("QGemm", [ins[0], *ctx.qpi(op.inputs[0]), w, ws, wz, bias, *ctx.qpi(op.out)], out, domain=MS_DOMAIN, transB=1)
+        return True
+
+    def qdq(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
+        if op.name not in ctx.layers:
+            return False
+        ctx.b.node("Gemm", [ins[0], *dq_weight_and_bias(ctx, op)], out, transB=1)
+        return True
+
+    def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
+        if op.name not in ctx.layers:
+            return None
+        il = integer_layer(op, ctx.layers[op.name], ctx.qp[op.inputs[0]].scale)
+        return qlinear(il, qs[0], ctx.qp[op.inputs[0]], ctx.qp[op.out], lambda x, w: x @ w.T)
+
+
+def dq_weight_and_bias(ctx: Ctx, op: Op) -> list[str]:
+    """QDQ weights: DequantizeLinear(int8 codes, w_scale, 0) and DequantizeLinear(int32 bias,
+    x_s·w_s, 0), the pattern onnxruntime fuses with the surrounding Q/DQ into an integer kernel."""
+    b = ctx.b
+    il, (w, ws, wz, bias) = int_weight(ctx, op)
+    axis = {"axis": 0} if il.w_scale.ndim else {}
+    wdq = b.node("DequantizeLinear", [w, ws, wz], f"{op.name}.weight", **axis)
+    bdq = b.node("DequantizeLinear", [bias, b.init(f"{op.name}.bias_scale", il.bias_scale),
+                                      b.init(f"{op.name}.bias_zero_point", np.zeros(il.q.shape[0], np.int32))],
+                 f"{op.name}.bias", axis=0)
+    return [wdq, bdq]
+
+
+KIND = Linear()
