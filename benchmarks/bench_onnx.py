@@ -94,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from qadmm.data import load_dataset
     from qexport.artifact import Artifact
-    from qexport.cli.onnx import export_onnx
+    from qexport.onnx.export import export_onnx
     from qexport.onnx.runner import faithful_config
 
     data = load_dataset("mnist-10k", DATA, seed=0)

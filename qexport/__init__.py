@@ -9,6 +9,10 @@ __all__ = ["quantize", "load", "to_onnx", "verify", "load_data"]
 
 
 def __getattr__(name: str):
+    if name == "api":
+        import importlib
+
+        return importlib.import_module("qexport.api")
     if name in ("quantize", "load", "to_onnx", "verify"):
         from qexport import api
 

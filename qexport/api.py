@@ -115,7 +115,7 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
                          "num_classes": data.num_classes},
         "preprocessing": pre,
         "dataset": data.describe(),
-        "float_model": source or {},
+        "float_training": source or {},
         "method": {"name": method, "params": result.params, "seconds": round(seconds, 2)},
         "spec": {"bits": bits, "scheme": codes.scheme, "per_channel": per_channel, "keep_first": keep_first,
                  "keep_last": keep_last, "layer_bits": spec.layer_bits, "exclude": list(spec.exclude), "seed": seed,

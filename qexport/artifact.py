@@ -135,9 +135,19 @@ def pack_tensors(model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str
 
 
 def save_artifact(path: str | Path, model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str, Any],
-                  graph: Graph) -> str:
+                  graph: Graph | None = None) -> str:
     """Write the artifact atomically; returns its content hash. `graph` is `model` traced (see
-    `qexport.graph.trace`); the model's tensors the graph does not use are not saved."""
+    `qexport.graph.trace`; traced here on meta's architecture.input_shape when not given); the
+    model's tensors the graph does not use are not saved. `qexport.api.quantize` builds `meta`."""
+    if graph is None:
+        from qexport.graph import trace
+
+        try:
+            shape = tuple(meta["architecture"]["input_shape"])
+        except (KeyError, TypeError):
+            raise UserError("save_artifact needs meta['architecture']['input_shape'] or a graph; "
+                            "qexport.quantize(...).save(path) builds both") from None
+        graph = trace(model, shape)
     tensors, meta_json, _ = pack_tensors(model, layers, meta, graph)
     digest = content_hash(tensors, meta_json)
     with atomic_path(path) as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qexport.artifact import load_artifact
@@ -16,6 +17,15 @@ def _hist(q: torch.Tensor, levels: list[int]) -> str:
         return f"|q| mean {q.abs().float().mean():.1f}, max {int(q.abs().max())}, zeros {nz:.0f}%"
     total = max(int(counts.sum()), 1)
     return " ".join(f"{v:+d}:{100 * int(counts[v - levels[0]]) / total:.0f}%" for v in levels)
+
+
+def describe_preprocessing(pre: dict) -> str:
+    """One line: what the deployed graph does to the raw input before the model."""
+    if pre.get("type") != "standardize":
+        return "raw (no normalisation)"
+    m, s = np.asarray(pre["mean"]).ravel(), np.asarray(pre["std"]).ravel()
+    shown = f"mean {m[0]:.4g} std {s[0]:.4g}" if m.size == 1 else f"{m.size} means/stds"
+    return f"standardised ({shown}; {pre.get('fitted_on', 'given')})"
 
 
 def describe(path: str | Path, as_json: bool = False) -> str:
@@ -31,7 +41,10 @@ def describe(path: str | Path, as_json: bool = False) -> str:
     lines = [f"{path}: qexport artifact (sha256 {art.sha256[:16]})",
              f"model {m['architecture']['model']} input {tuple(m['architecture']['input_shape'])} "
              f"classes {m['architecture']['num_classes']}; dataset {m['dataset']['name']} (seed {m['dataset']['seed']})",
+             f"input: {describe_preprocessing(m.get('preprocessing', {}))}",
+             f"graph: {len(m.get('graph', {}).get('ops', []))} ops ({', '.join(sorted({o['kind'] for o in m.get('graph', {}).get('ops', [])}))})",
              f"method {m['method']['name']} {json.dumps(m['method']['params'], sort_keys=True)}",
+             f"spec: {json.dumps({k: v for k, v in m.get('spec', {}).items() if v not in (None, False, [], {})}, sort_keys=True)}",
              f"accuracy: float {m['accuracy']['float_test']:.2f}%  quantized {m['accuracy']['quantized_test']:.2f}%", ""]
     header = f"{'layer':24s} {'shape':16s} {'codes':18s} {'alpha range':23s} {'bytes@N':>9s} {'fp32':>9s}  histogram"
     lines += [header, "-" * len(header)]

@@ -84,7 +84,8 @@ class _Tracer(fx.Tracer):
 
 def _where(node: fx.Node) -> str:
     """`file.py:LINE` of the user's code that made this node (from fx's recorded stack)."""
-    lines = [ln for ln in (node.stack_trace or "").splitlines() if ln.strip().startswith("File ")]
+    lines = [ln for ln in (node.stack_trace or "").splitlines()
+             if ln.strip().startswith("File ") and "/torch/" not in ln and "/qexport/" not in ln]
     if not lines:
         return ""
     m = re.search(r'File "([^"]+)", line (\d+)', lines[-1])

@@ -99,7 +99,10 @@ def float_model(data, model_name: str | None, checkpoint: str | None, seed: int,
     name = model_name or default_model(data.name, data.input_shape)
     seed_everything(seed)
     if user:
+        from qexport.graph import trace
+
         model = user_model(name, data.input_shape, data.num_classes)
+        trace(model, data.input_shape)  # an unsupported op is refused before any loading or training
         if checkpoint:
             state = unwrap_state(load_user_state(checkpoint), model, f"checkpoint {checkpoint}")
             model.load_state_dict(state)

@@ -106,7 +106,7 @@ def test_c_unpacker_reads_every_width(tmp_path, digits, digits_mlp):
 def test_refuses_non_mlp_models(tmp_path, digits):
     path = tmp_path / "cnn.qx.safetensors"
     cnn_artifact(path, digits, bits=4)
-    with pytest.raises(UserError, match="MLPs only .* body.0 is Conv2d"):
+    with pytest.raises(UserError, match="MLPs only .* body.0 is conv"):
         export_c(load_packed(path), tmp_path / "c")
     msg = run_cli(["to-c", str(path), "-o", str(tmp_path / "c2")], code=2)
     assert msg.startswith("error: ") and "qexport to-onnx" in msg

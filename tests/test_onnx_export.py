@@ -71,7 +71,7 @@ def artifacts(tmp_path_factory, digits, digits_mlp):
 def exported(artifacts, digits, tmp_path_factory):
     """{(model, bits, form): path of the exported ONNX file}."""
     from qexport.onnx.calibrate import CalibConfig
-    from qexport.cli.onnx import export_onnx
+    from qexport.onnx.export import export_onnx
 
     tmp = tmp_path_factory.mktemp("onnx")
     out = {}
@@ -213,7 +213,7 @@ def test_qdq_runs_fused_integer_kernels(exported, tmp_path):
 
 
 def test_thesis_8bit_is_int16_in_weights_and_refused_by_integer_forms(tmp_path, digits, digits_mlp):
-    from qexport.cli.onnx import export_onnx
+    from qexport.onnx.export import export_onnx
 
     art = make_artifact(tmp_path, digits_mlp, digits, 8, per_channel=False, scheme="thesis")
     m = export_onnx(art, "weights")
@@ -224,32 +224,33 @@ def test_thesis_8bit_is_int16_in_weights_and_refused_by_integer_forms(tmp_path, 
             export_onnx(art, form, digits.x_train)
 
 
-class Swish(nn.Module):
+class Softsign(nn.Module):
     def forward(self, x):
-        return x * torch.sigmoid(x)
+        return x / (1 + x.abs())
 
 
 @pytest.mark.parametrize("body, needle", [
-    (nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Sigmoid(), nn.Linear(8, 10)), r"body\.2 \(Sigmoid\)"),
-    (nn.Sequential(nn.Flatten(), nn.Linear(64, 8), Swish(), nn.Linear(8, 10)), r"sigmoid"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Softplus(), nn.Linear(8, 10)), r"body\.2 \(Softplus\)"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(64, 8), Softsign(), nn.Linear(8, 10)), r"abs(_\d+)? \(Tensor\.abs\) at test_onnx_export\.py:\d+"),
 ])
 def test_unsupported_layer_is_named(digits, body, needle):
+    """The first unsupported op is refused by name, with its line in the user's code."""
     from collections import OrderedDict
 
-    from qexport.onnx.builder import trace
     from qadmm.zoo import Normalize
+    from qexport.graph import trace
 
     model = nn.Sequential(OrderedDict(normalize=Normalize(digits.mean, digits.std), body=body))
     with pytest.raises(UserError, match=needle):
-        trace(model)
+        trace(model, digits.input_shape)
 
 
 def test_users_own_module_with_residual_and_pooling_exports(digits):
     """A user's block (conv, BN, ReLU, residual add, max/avg pooling, flatten) traces to ops."""
     from collections import OrderedDict
 
-    from qexport.onnx.builder import evaluate, trace
     from qadmm.zoo import Normalize
+    from qexport.graph import evaluate, fuse, trace
 
     class Block(nn.Module):
         def __init__(self):
@@ -262,7 +263,7 @@ def test_users_own_module_with_residual_and_pooling_exports(digits):
             return torch.flatten(self.avg(self.pool(torch.relu(self.c2(y) + y))), 1)
 
     model = nn.Sequential(OrderedDict(normalize=Normalize(digits.mean, digits.std), body=nn.Sequential(Block(), nn.Linear(16, 10)))).eval()
-    ops = trace(model)
+    ops = fuse(trace(model, digits.input_shape))
     assert [o.kind for o in ops] == ["normalize", "conv", "conv", "add", "maxpool", "avgpool", "flatten", "linear"]
     assert ops[1].bn is not None and ops[1].relu and ops[3].relu
     x = torch.as_tensor(digits.x_test[:5])

@@ -78,11 +78,12 @@ def test_pack_unpack_round_trip_and_sizes(tmp_path, digits, artifacts, cfg):
 
 
 def test_cnn_small_file_size_bound(tmp_path, digits):
-    """The size bound also holds with BatchNorm tensors (cnn-small: 13 float tensors)."""
+    """The size bound also holds with BatchNorm tensors (cnn-small: 13 float tensors); the fixed
+    part is the header and metadata, which holds the model's graph (~4 KiB for cnn-small)."""
     res = cnn_artifact(tmp_path / "c.qx.safetensors", digits, bits=1)
     packed = pack_artifact(load_artifact(tmp_path / "c.qx.safetensors"))
     write_packed(packed, tmp_path / "c.qpk.safetensors")
-    assert packed.file_bytes <= 1.01 * packed.sizes()["tensors"] + 4096
+    assert packed.file_bytes <= 1.01 * packed.sizes()["tensors"] + 8192
     x = torch.as_tensor(digits.x_test[:50])
     assert torch.equal(read_packed(tmp_path / "c.qpk.safetensors").model()[0](x), res.model.eval()(x))
 

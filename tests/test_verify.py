@@ -55,7 +55,7 @@ def drop_normalisation(model: onnx.ModelProto) -> onnx.ModelProto:
 @pytest.mark.parametrize("form", ["weights", "qdq", "qoperator"])
 def test_good_graph_passes_and_corrupted_ones_fail(art4, digits, tmp_path, form):
     from qexport.onnx.calibrate import CalibConfig
-    from qexport.cli.onnx import export_onnx
+    from qexport.onnx.export import export_onnx
     from qexport.onnx.verify import verify
 
     good = export_onnx(art4, form, digits.x_train, CalibConfig(num_batches=4))
@@ -78,7 +78,7 @@ def test_good_graph_passes_and_corrupted_ones_fail(art4, digits, tmp_path, form)
 
 def test_flipped_code_is_located_in_its_layer(art4, digits):
     """The per-layer comparison names the layer holding the corrupted code."""
-    from qexport.cli.onnx import export_onnx
+    from qexport.onnx.export import export_onnx
     from qexport.onnx.verify import verify
 
     good = export_onnx(art4, "weights")
@@ -105,7 +105,7 @@ def test_cli_round_trip(tmp_path, digits_mlp, digits, art4):
 
 
 def test_cli_verify_exits_1_on_a_corrupted_graph(tmp_path, art4):
-    from qexport.cli.onnx import export_onnx
+    from qexport.onnx.export import export_onnx
 
     bad = _edit(export_onnx(art4, "weights"), "body.1.alpha", lambda a: (a * np.float32(1.01)).astype(np.float32))
     onnx.save(bad, str(tmp_path / "bad.onnx"))
@@ -145,7 +145,7 @@ def test_run_works_on_a_foreign_onnx_classifier(tmp_path, digits):
 
 
 def test_int_types_used_by_weights_form(art4):
-    from qexport.cli.onnx import export_onnx
+    from qexport.onnx.export import export_onnx
 
     t = {i.name: numpy_helper.to_array(i) for i in export_onnx(art4, "weights").graph.initializer}
     assert t["body.1.codes"].dtype == ml_dtypes.int4

@@ -8,3 +8,7 @@ def small_mlp(input_shape, num_classes):
 
 def with_sigmoid(input_shape, num_classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, num_classes))
+
+
+def with_softplus(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Softplus(), nn.Linear(32, num_classes))

@@ -202,6 +202,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     from qadmm.spec import QuantSpec
     from qadmm.zoo import NAMES
     from qexport import api
+    from qexport.describe import describe_preprocessing
     from qexport.fileio import check_output_path
 
     if list_methods:
@@ -264,16 +265,6 @@ def parse_layer_bits(text: str | None) -> dict[str, int]:
         if not sep or not pat.strip():
             raise UserError(f"--layer-bits {item!r}: write PATTERN=BITS, e.g. --layer-bits 'conv1=8,fc*=2'")
     return out
-
-
-def describe_preprocessing(pre: dict) -> str:
-    if pre.get("type") != "standardize":
-        return "raw (no normalisation)"
-    mean, std = pre["mean"], pre["std"]
-    flat = lambda v: [round(float(a), 4) for a in __import__("numpy").asarray(v).ravel()]  # noqa: E731
-    m, s = flat(mean), flat(std)
-    shown = f"mean {m[0]} std {s[0]}" if len(m) == 1 else f"{len(m)} means/stds"
-    return f"standardised ({shown}, {pre.get('fitted_on', '')})"
 
 
 @main.command()

@@ -15,7 +15,6 @@ import numpy as np
 from torch import nn
 
 from qadmm.errors import UserError
-from qadmm.zoo import mlp_layers as zoo_mlp_layers
 from qexport.pack.bitpack import SIGN
 from qexport.fileio import atomic_path
 from qexport.pack.packfile import Packed
@@ -24,17 +23,31 @@ TEMPLATES = ("qmodel.h", "qmodel.c", "qmodel_main.c")
 GENERATED = ("qmodel_config.h", "qmodel_weights.h")
 
 
-def mlp_layers(model: nn.Module) -> list[tuple[str, nn.Linear, bool]]:
-    """(name, Linear, ReLU after it) of a zoo-style MLP; a UserError otherwise."""
-    if not isinstance(getattr(model, "body", None), nn.Sequential) or not hasattr(model, "normalize"):
-        raise UserError("to-c supports zoo-style models (Normalize, then a Sequential body): export this one with `qexport to-onnx`")
-    try:
-        _, out = zoo_mlp_layers(model)
-    except ValueError as e:
-        raise UserError(f"to-c exports MLPs only (Flatten, Linear, ReLU); {e}: use `qexport to-onnx` for this model") from None
-    if out[-1][2]:
+def mlp_layers(model: nn.Module) -> tuple[nn.Module | None, list[tuple[str, nn.Linear, bool]]]:
+    """(normalisation or None, [(name, Linear, ReLU after it)]) of an MLP read from the model's
+    graph: [normalize], flatten/reshape/dropout, then Linear layers each with at most one ReLU
+    after it, the last giving the logits; a UserError naming the first op that does not fit."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        raise UserError("to-c needs a model with a stored graph: re-create the file with this qexport")
+    norm, layers = None, []
+    for i, op in enumerate(graph.ops):
+        if op.kind == "normalize" and i == 0:
+            norm = op.module
+        elif op.kind in ("flatten", "reshape") and not layers:
+            continue
+        elif op.kind == "linear":
+            layers.append((op.name, op.module, False))
+        elif op.kind == "relu" and layers and not layers[-1][2]:
+            layers[-1] = (layers[-1][0], layers[-1][1], True)
+        else:
+            raise UserError(f"to-c exports MLPs only ([normalize], flatten, Linear, ReLU); {op.name} is {op.kind}: "
+                            "use `qexport to-onnx` for this model")
+    if not layers:
+        raise UserError("to-c exports MLPs: this model has no Linear layer; use `qexport to-onnx`")
+    if layers[-1][2]:
         raise UserError("to-c expects the last Linear to give the logits (no ReLU after it)")
-    return out
+    return norm, layers
 
 
 def _floats(values: np.ndarray, name: str) -> str:
@@ -69,14 +82,14 @@ def _norm_index(mean_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> tu
 def c_sources(packed: Packed) -> dict[str, str]:
     """File name -> text of every file `to-c` writes (nothing is written here)."""
     model, _ = packed.model()
-    mlp = mlp_layers(model)
+    norm, mlp = mlp_layers(model)
     input_shape = tuple(int(s) for s in packed.architecture["input_shape"])
     n_in = int(np.prod(input_shape))
     if mlp[0][1].in_features != n_in:
         raise UserError(f"the first Linear takes {mlp[0][1].in_features} features but the input has {n_in}")
     by_name = {lay.name: lay for lay in packed.layers}
-    mean = model.normalize.mean.detach().numpy()
-    std = model.normalize.std.detach().numpy()
+    mean = norm.mean.detach().numpy() if norm is not None else np.zeros(1, np.float32)
+    std = norm.std.detach().numpy() if norm is not None else np.ones(1, np.float32)
     idx = _norm_index(mean.shape, input_shape)
     if idx is None:  # an unusual broadcast: store the statistics per input feature
         mean, std = (np.broadcast_to(a, input_shape).copy() for a in (mean, std))
