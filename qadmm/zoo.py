@@ -5,7 +5,6 @@ features, and the preprocessing fitted on the training split travels inside the 
 """
 from __future__ import annotations
 
-import importlib
 from collections import OrderedDict
 
 import numpy as np
@@ -17,8 +16,6 @@ from qadmm.errors import UserError
 # Hidden widths of the thesis topologies (Table 6.2) and of our digits MLP.
 MLP_HIDDEN = {"mlp-seeds": [5, 5], "mlp-pendigits": [12, 12], "mlp-mnist": [200, 200], "mlp-digits": [64, 64]}
 NAMES = (*MLP_HIDDEN, "cnn-small", "resnet20")
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.MaxPool2d,
-                    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Sequential)
 
 
 class Normalize(nn.Module):
@@ -86,21 +83,6 @@ def resnet20(in_channels: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _user_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    mod_name, _, fn_name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"cannot import model factory {spec!r}: {e} (use package.module:function on PYTHONPATH)") from None
-    try:
-        model = fn(input_shape=input_shape, num_classes=num_classes)
-    except TypeError:
-        model = fn()
-    if not isinstance(model, nn.Module):
-        raise UserError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
 def mlp_layers(model: nn.Module) -> tuple[list[nn.Module], list[tuple[str, nn.Linear, bool]]]:
     """Read `model` as an MLP: preprocessing leaves (Normalize, Flatten, Identity), then Linear
     layers each followed by at most one ReLU. Returns (preprocessing modules, [(name, Linear,
@@ -126,17 +108,6 @@ def mlp_layers(model: nn.Module) -> tuple[list[nn.Module], list[tuple[str, nn.Li
     return pre, layers
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise a UserError naming the first layer type qexport cannot quantize and export."""
-    for name, m in model.named_modules():
-        if isinstance(m, (Normalize, BasicBlock)) or type(m) in SUPPORTED_LAYERS:
-            continue
-        if list(m.children()) and not list(m.parameters(recurse=False)):
-            continue  # a container of supported layers (e.g. a user's block)
-        allowed = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
-        raise UserError(f"unsupported layer {name or 'model'} ({type(m).__name__}): qexport supports {allowed}")
-
-
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, mean, std) -> nn.Sequential:
     """A zoo model (see NAMES) or a user's `package.module:factory`, behind Normalize(mean, std)."""
     input_shape = tuple(input_shape)
@@ -151,11 +122,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, mean,
         if len(input_shape) != 3:
             raise UserError(f"resnet20 needs image input (C, H, W), got {input_shape}: use an MLP for tabular data")
         body = resnet20(input_shape[0], num_classes)
-    elif ":" in name:
-        body = _user_factory(name, input_shape, num_classes)
-        check_supported(body)
     else:
-        raise UserError(f"unknown model {name!r}: use one of {', '.join(NAMES)} or package.module:factory")
+        raise UserError(f"unknown model {name!r}: use one of {', '.join(NAMES)}, module:factory or path/to/file.py:factory")
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), body=body))
 
 

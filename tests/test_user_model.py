@@ -14,7 +14,6 @@ from torch import nn
 
 import qexport
 from qadmm.errors import UserError
-from qexport.graph import trace
 from tests_helpers import run_cli
 
 

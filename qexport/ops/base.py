@@ -122,3 +122,17 @@ def pair(v: Any, n: int = 2) -> list[int]:
 def arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
     """Positional argument i or keyword `name` of a traced call."""
     return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+class Reshaping(Kind):
+    """A kind that only moves values (Flatten, Reshape): integer graphs apply it to the uint8
+    value itself, which keeps its input's scale and zero point."""
+
+    pass_through = True
+
+    def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
+        self.onnx(ctx, op, ins, out)
+        return True
+
+    def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
+        return self.run(op, qs)

@@ -6,15 +6,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from qexport.ops.base import Ctx, Kind, Op, Unsupported, arg
+from qexport.ops.base import Ctx, Op, Reshaping, Unsupported, arg
 
 
-class Flatten(Kind):
+class Flatten(Reshaping):
     name = "flatten"
     modules = (nn.Flatten,)
     functions = (torch.flatten,)
     methods = ("flatten",)
-    pass_through = True
 
     def from_module(self, m: nn.Flatten) -> dict:
         return {"start_dim": m.start_dim, "end_dim": m.end_dim}
@@ -34,12 +33,6 @@ class Flatten(Kind):
         shape = ctx.b.init(f"{out}.shape", np.array([0, *ctx.shapes[op.out]], np.int64))
         return ctx.b.node("Reshape", [ins[0], shape], out)
 
-    def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        self.onnx(ctx, op, ins, out)
-        return True
-
-    def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
-        return self.run(op, qs)
 
 
 KIND = Flatten()

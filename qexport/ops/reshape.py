@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qexport.ops.base import Ctx, Kind, Op, Unsupported
+from qexport.ops.base import Ctx, Op, Reshaping, Unsupported
 
 BATCH = "batch"
 
 
-class Reshape(Kind):
+class Reshape(Reshaping):
     name = "reshape"
     functions = (torch.reshape,)
     methods = ("view", "reshape")
-    pass_through = True
 
     def from_call(self, target, args: tuple, kwargs: dict) -> tuple[list, dict]:
         shape = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
@@ -34,12 +33,6 @@ class Reshape(Kind):
         shape = ctx.b.init(f"{out}.shape", np.array([0 if s == BATCH else s for s in op.attrs["shape"]], np.int64))
         return ctx.b.node("Reshape", [ins[0], shape], out)
 
-    def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        self.onnx(ctx, op, ins, out)
-        return True
-
-    def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
-        return self.run(op, qs)
 
 
 KIND = Reshape()
