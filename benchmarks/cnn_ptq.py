@@ -41,7 +41,7 @@ from qadmm.data import load_dataset  # noqa: E402
 from qadmm.spec import QuantSpec  # noqa: E402
 from qadmm.train import accuracy  # noqa: E402
 from qexport.checkpoint import load_checkpoint  # noqa: E402
-from qexport.cli import parse_params  # noqa: E402
+from qexport.cli.main import parse_params  # noqa: E402
 
 # name -> (back-end, QuantSpec overrides)
 OURS = {

@@ -41,7 +41,8 @@ def cached_float(data, ds: str, model_name: str | None, seed: int, cache: Path, 
     if path.is_file():
         model, meta = load_checkpoint(path)
         return model, meta["training"]
-    model, arch, info = float_model(data, model_name, None, seed, epochs, LR, BATCH, PATIENCE, progress=False)
+    model, name, info = float_model(data, model_name, None, seed, epochs, LR, BATCH, PATIENCE, progress=False)
+    arch = {"model": name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     save_checkpoint(path, model, {"architecture": arch, "preprocessing": preprocessing(data), "training": info})
     return model, info
 
