@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from qadmm.codes import CodeSet
-from qadmm.errors import UserError
-from qadmm.spec import LayerCodes, apply_codes
+from qadmm.errors import BadFile, UserError
+from qadmm.spec import LayerCodes
 from qadmm.zoo import NAMES, build_model
-from qexport.fileio import atomic_path
+from qexport.fileio import atomic_path, read_header, read_safetensors
 from qexport.graph import Graph, GraphModel
 
 FORMAT = "qexport-artifact"
@@ -75,35 +76,117 @@ def content_hash(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
     return h.hexdigest()
 
 
-def model_from_meta(meta: dict[str, Any], where: str) -> nn.Module:
-    """The float model a file describes, from its stored graph (no code is imported), or for a
-    version-1 file without one, from the zoo name it records."""
-    if "graph" in meta:
-        return GraphModel(Graph.from_json(meta["graph"], where))
-    arch, pre = meta.get("architecture", {}), meta.get("preprocessing", {})
-    if arch.get("model") not in NAMES:
-        raise UserError(f"{where} has no stored graph and names model {arch.get('model')!r}, which is not in qexport's "
-                        f"zoo; qexport never imports code a file names: re-create the file with this qexport")
-    return build_model(arch["model"], tuple(arch["input_shape"]), arch["num_classes"], torch.tensor(pre["mean"]),
-                       torch.tensor(pre["std"]))
+MAX_INPUT_VALUES = 1 << 24  # per sample (a 3×2048×2048 image fits); more is a forged or corrupted shape
+QUANTIZED_KINDS = ("linear", "conv")
+
+
+def _positive_ints(v: Any, n: int | None = None) -> bool:
+    return isinstance(v, list) and (n is None or len(v) == n) and all(isinstance(s, int) and not isinstance(s, bool)
+                                                                       and s > 0 for s in v)
+
+
+def check_architecture(meta: Any, where: str) -> dict[str, Any]:
+    """The metadata fields every loader relies on, checked: a JSON object whose architecture has a
+    sane input shape and class count."""
+    if not isinstance(meta, dict):
+        raise BadFile(f"{where}: metadata is not a JSON object; the file is corrupted")
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict) or not _positive_ints(arch.get("input_shape")) \
+            or not _positive_ints([arch.get("num_classes")]):
+        raise BadFile(f"{where}: metadata 'architecture' lacks a valid input_shape and num_classes; the file is corrupted")
+    if math.prod(arch["input_shape"]) > MAX_INPUT_VALUES:
+        raise BadFile(f"{where}: declared input shape {arch['input_shape']} is absurd "
+                      f"(over {MAX_INPUT_VALUES} values per sample); the file is corrupted or forged")
+    return arch
+
+
+def model_from_meta(meta: dict[str, Any], where: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The float model a file describes with the file's tensors `state` loaded, from its stored
+    graph (no code is imported) or, for a version-1 file without one, from the zoo name it records.
+    Everything is checked before it is trusted: the graph's ops against the registry, every
+    parameter's shape against `state` before anything of the declared size is allocated, and one
+    forward pass on the declared input shape. Any failure is a BadFile naming `where`."""
+    arch = check_architecture(meta, where)
+    if "graph" not in meta and arch.get("model") not in NAMES:
+        raise BadFile(f"{where} has no stored graph and names model {arch.get('model')!r}, which is not in qexport's "
+                      f"zoo; qexport never imports code a file names: re-create the file with this qexport")
+
+    def build() -> nn.Module:
+        if "graph" in meta:
+            graph = Graph.from_json(meta["graph"], where)
+            if graph.input_shape != list(arch["input_shape"]):
+                raise BadFile(f"{where}: the graph takes input {graph.input_shape}, the architecture says {arch['input_shape']}")
+            return GraphModel(graph)
+        pre = meta.get("preprocessing", {})
+        return build_model(arch["model"], tuple(arch["input_shape"]), arch["num_classes"],
+                           np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32))
+
+    try:
+        with torch.device("meta"):  # shapes only: a forged 10^12-weight layer allocates nothing
+            skeleton = build()
+        _check_state(skeleton.state_dict(), state, where)
+        model = build()
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.zeros(1, *arch["input_shape"]))
+    except UserError:
+        raise
+    except Exception as e:  # attributes of the wrong type or size: whatever the module constructors raise
+        raise BadFile(f"{where}: the stored model does not build or run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "the file is corrupted or was edited") from None
+    if tuple(out.shape) != (1, arch["num_classes"]):
+        raise BadFile(f"{where}: the stored model outputs {tuple(out.shape[1:])} per sample, the architecture declares "
+                      f"{arch['num_classes']} classes; the file is corrupted or was edited")
+    return model
+
+
+def _check_state(want: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str) -> None:
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in set(want) & set(state)
+                   if tuple(want[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = [f"missing {', '.join(missing[:4])}" if missing else "", f"unexpected {', '.join(unexpected[:4])}" if unexpected else "",
+                 f"wrong shape {', '.join(wrong[:4])}" if wrong else ""]
+        raise BadFile(f"{where}: tensors do not match the stored model ({'; '.join(p for p in parts if p)}); the file is corrupted")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise BadFile(f"{where}: tensor(s) {', '.join(sorted(nonfinite)[:4])} hold NaN or infinite values; "
+                      "the model it came from diverged or the file is corrupted")
+
+
+def check_layer(name: str, lc: LayerCodes, where: str) -> None:
+    """One quantized layer against its code set: integer codes of the stored dtype, every code in
+    the set, scales float32, finite, positive, one per tensor or one per output channel."""
+    at = f"{where}: layer {name}"
+    if lc.q.dtype != lc.codes.storage_dtype:
+        raise BadFile(f"{at}: codes are {lc.q.dtype}, {lc.codes.describe()} is stored as {lc.codes.storage_dtype}; the file is corrupted")
+    if lc.q.dim() < 1 or not lc.codes.contains(lc.q):
+        bad = sorted({int(v) for v in lc.q.flatten().unique()} - set(lc.codes.levels))[:4] if lc.q.numel() else []
+        raise BadFile(f"{at}: codes {bad} lie outside {lc.codes.describe()}; the file is corrupted or forged")
+    a = lc.alpha
+    if a.dtype != torch.float32 or tuple(a.shape) not in ((), (lc.q.shape[0],)):
+        raise BadFile(f"{at}: scale has shape {tuple(a.shape)} ({a.dtype}); expected float32 () or ({lc.q.shape[0]},)")
+    if not (torch.isfinite(a) & (a > 0)).all():
+        raise BadFile(f"{at}: scales must be finite and positive, found {a.flatten()[~(torch.isfinite(a.flatten()) & (a.flatten() > 0))][:3].tolist()}")
 
 
 def reference_model(meta: dict[str, Any], floats: dict[str, torch.Tensor], layers: dict[str, LayerCodes],
                     where: str) -> nn.Module:
-    """The fake-quant reference (W = α·Q exactly) from metadata, float tensors and codes; a
-    UserError naming `where` when the tensors do not fit the graph."""
-    model = model_from_meta(meta, where)
+    """The fake-quant reference (W = α·Q exactly) from metadata, float tensors and codes, every
+    part checked (`check_layer`, `model_from_meta`); a BadFile naming `where` when anything is off."""
+    for name, lc in layers.items():
+        check_layer(name, lc, where)
+    graph = meta.get("graph")
+    if isinstance(graph, dict) and isinstance(graph.get("ops"), list):
+        kinds = {o.get("name"): o.get("kind") for o in graph["ops"] if isinstance(o, dict)}
+        odd = [n for n in layers if kinds.get(n) not in QUANTIZED_KINDS]
+        if odd:
+            raise BadFile(f"{where}: codes for {', '.join(odd[:3])}, which is not a Linear/Conv layer of the stored graph; "
+                          "the file is corrupted or forged")
     state = {**floats, **{f"{name}.weight": lc.weight() for name, lc in layers.items()}}
-    want = model.state_dict()
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    wrong = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        raise UserError(f"{where}: tensors do not match the stored model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                        f"wrong shape {wrong[:3]}); the file is corrupted")
-    model.load_state_dict(state)
-    apply_codes(model, layers)
-    return model.eval()
+    return model_from_meta(meta, where, state)
 
 
 def pack_tensors(model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str, Any],
@@ -155,46 +238,58 @@ def save_artifact(path: str | Path, model: nn.Module, layers: dict[str, LayerCod
     return digest
 
 
-def read_header(path: str | Path) -> dict[str, str]:
-    """The safetensors string metadata, with clear errors for missing/foreign/truncated files."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); is it truncated or not a qexport file?") from None
+def _layer_codes(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> dict[str, LayerCodes]:
+    """The per-layer codes the metadata declares, each entry checked against its tensors."""
+    infos = meta.get("layers", {})
+    if not isinstance(infos, dict):
+        raise BadFile(f"{where}: metadata 'layers' is not a map; the file is corrupted")
+    layers = {}
+    for name, info in infos.items():
+        try:
+            bits, scheme, shape = info["bits"], info["scheme"], info["shape"]
+            codes = CodeSet(bits, scheme)
+            q, alpha = tensors[f"codes/{name}"], tensors[f"scale/{name}"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadFile(f"{where}: layer {name}: bad entry or missing tensor ({e}); the file is corrupted") from None
+        if not isinstance(bits, int) or isinstance(bits, bool) or shape != list(q.shape) or info.get("storage_bits", codes.storage_bits) != codes.storage_bits:
+            raise BadFile(f"{where}: layer {name} declares {bits!r}-bit {scheme} codes of shape {shape!r}, the file holds "
+                          f"{list(q.shape)} ({q.dtype}); the file is corrupted or forged")
+        layers[name] = LayerCodes(q, alpha, codes)
+    known = {f"{k}/{n}" for n in layers for k in ("codes", "scale")}
+    stray = sorted(k for k in tensors if not k.startswith("float/") and k not in known)
+    if stray:
+        raise BadFile(f"{where}: tensors {stray[:3]} are not declared in the metadata; the file is corrupted")
+    return layers
 
 
 def load_artifact(path: str | Path) -> Artifact:
+    """Read an artifact and check everything in it before anything uses it (see `reference_model`):
+    a BadFile (a UserError) naming the problem for anything corrupted, truncated or forged."""
     path = Path(path)
     header = read_header(path)
     fmt = header.get("format")
     if fmt != FORMAT:
-        raise UserError(f"{path} is not a qexport artifact (format {fmt!r}); make one with `qexport quantize`")
+        raise BadFile(f"{path} is not a qexport artifact (format {fmt!r}); make one with `qexport quantize`")
     try:
         version = int(header.get("version", "0"))
     except ValueError:
         version = -1
     if version > VERSION:
-        raise UserError(f"{path} has artifact format version {version}, newer than this qexport reads ({VERSION}): upgrade qexport")
+        raise BadFile(f"{path} has artifact format version {version}, newer than this qexport reads ({VERSION}): upgrade qexport")
     if version < 1:
-        raise UserError(f"{path} has an invalid artifact format version {header.get('version')!r}")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read tensors ({e}); the file is truncated or corrupted") from None
+        raise BadFile(f"{path} has an invalid artifact format version {header.get('version')!r}")
+    _, tensors = read_safetensors(path)
     meta_json = header.get("qexport", "")
     digest = content_hash(tensors, meta_json)
     if digest != header.get("content_sha256"):
-        raise UserError(f"{path}: content hash mismatch; the file is corrupted or was edited (re-export it)")
-    meta = json.loads(meta_json)
+        raise BadFile(f"{path}: content hash mismatch; the file is corrupted or was edited (re-export it)")
+    try:
+        meta = json.loads(meta_json)
+    except json.JSONDecodeError:
+        raise BadFile(f"{path}: metadata is not JSON; the file is corrupted") from None
+    check_architecture(meta, str(path))
     floats = {k[len("float/"):]: v for k, v in tensors.items() if k.startswith("float/")}
-    layers = {name: LayerCodes(tensors[f"codes/{name}"], tensors[f"scale/{name}"], CodeSet(info["bits"], info["scheme"]))
-              for name, info in meta["layers"].items()}
+    layers = _layer_codes(meta, tensors, str(path))
     model = reference_model(meta, floats, layers, str(path))
     graph = model.graph if isinstance(model, GraphModel) else trace_zoo(model, meta)
     return Artifact(model, layers, meta, digest, graph)

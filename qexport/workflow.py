@@ -42,15 +42,26 @@ def user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.
         fn = getattr(module, fn_name)
     except UserError:
         raise
-    except (ImportError, AttributeError, SyntaxError) as e:
-        raise UserError(f"cannot load model factory {spec!r}: {e} (use module:factory or path/to/file.py:factory)") from None
+    except Exception as e:  # ImportError, SyntaxError, or anything the module raises while it runs
+        raise UserError(f"cannot load model factory {spec!r}: {type(e).__name__}: {_first_line(e)} "
+                        "(fix the module, or name it as module:factory or path/to/file.py:factory)") from None
+    if not callable(fn):
+        raise UserError(f"--model {spec!r}: {fn_name} is a {type(fn).__name__}, not a function or class")
     try:
-        model = fn(input_shape=input_shape, num_classes=num_classes)
-    except TypeError:
-        model = fn()
+        try:
+            model = fn(input_shape=input_shape, num_classes=num_classes)
+        except TypeError:
+            model = fn()
+    except Exception as e:
+        raise UserError(f"model factory {spec!r} raised {type(e).__name__}: {_first_line(e)} (fix the factory; it is "
+                        f"called with input_shape={tuple(input_shape)}, num_classes={num_classes} when it takes them)") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def unwrap_state(state: dict, model: nn.Module, where: str) -> dict[str, torch.Tensor]:
@@ -86,7 +97,7 @@ def float_model(data, model_name: str | None, checkpoint: str | None, seed: int,
     from qadmm.train import TrainConfig, accuracy, seed_everything, train_epochs
     from qadmm.zoo import NAMES, build_model, default_model
     from qexport import api
-    from qexport.checkpoint import load_checkpoint, load_user_state
+    from qexport.checkpoint import check_finite, load_checkpoint, load_user_state
 
     user = bool(model_name and model_name not in NAMES and ":" in model_name)
     if checkpoint and not user:
@@ -104,7 +115,7 @@ def float_model(data, model_name: str | None, checkpoint: str | None, seed: int,
         model = user_model(name, data.input_shape, data.num_classes)
         trace(model, data.input_shape)  # an unsupported op is refused before any loading or training
         if checkpoint:
-            state = unwrap_state(load_user_state(checkpoint), model, f"checkpoint {checkpoint}")
+            state = check_finite(unwrap_state(load_user_state(checkpoint), model, f"checkpoint {checkpoint}"), str(checkpoint))
             model.load_state_dict(state)
             return model.eval(), name, {"checkpoint": str(checkpoint), "factory": name}
         model = api.with_normalization(model, api.normalization(normalize, data))

@@ -81,7 +81,7 @@ def test_foreign_and_newer_files(tmp_path):
     with pytest.raises(UserError, match="newer than this qexport"):
         load_artifact(tmp_path / "new.safetensors")
     (tmp_path / "text.safetensors").write_text("hello")
-    with pytest.raises(UserError, match="not a readable safetensors"):
+    with pytest.raises(UserError, match="not a valid safetensors"):
         load_artifact(tmp_path / "text.safetensors")
 
 

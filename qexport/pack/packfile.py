@@ -18,16 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from torch import nn
 
 from qadmm.codes import CodeSet
-from qadmm.errors import UserError
+from qadmm.errors import BadFile, UserError
 from qadmm.spec import LayerCodes
 from qexport.pack import bitpack
-from qexport.artifact import Artifact, read_header, reference_model, save_artifact
-from qexport.fileio import atomic_path
+from qexport.artifact import Artifact, reference_model, save_artifact
+from qexport.fileio import atomic_path, read_header, read_safetensors
 
 FORMAT = "qexport-packed"
 LAYOUT_VERSION = 1
@@ -113,22 +112,27 @@ class Packed:
     def layer_codes(self) -> dict[str, LayerCodes]:
         return {lay.name: LayerCodes(lay.unpack(), torch.from_numpy(lay.scale.copy()), lay.codes) for lay in self.layers}
 
-    def full_meta(self) -> dict[str, Any]:
+    def full_meta(self, where: str = "packed file") -> dict[str, Any]:
         """Artifact metadata rebuilt from the packed file (normalisation values read back from the tensors)."""
+        if not all(isinstance(v, dict) for v in (self.preprocessing, self.provenance, self.architecture)):
+            raise BadFile(f"{where}: metadata 'preprocessing', 'provenance' or 'architecture' is not a JSON object; the file is corrupted")
         pre = dict(self.preprocessing)
         for key, tname in (("mean", pre.pop("mean_tensor", None)), ("std", pre.pop("std_tensor", None))):
             if tname is not None:
-                pre[key] = self.floats[tname[len("float/"):]].tolist()
+                arr = self.floats.get(str(tname)[len("float/"):])
+                if arr is None:
+                    raise BadFile(f"{where}: the normalisation tensor {tname!r} is missing; the file is corrupted")
+                pre[key] = arr.tolist()
         meta = {**self.provenance, "architecture": self.architecture, "preprocessing": pre}
         meta["packed_from"] = {"source_sha256": self.source_sha256, "packed_sha256": self.content_sha256,
                                "layout_version": self.layout_version, "note": "per-iteration history is kept only in the source artifact"}
         return meta
 
-    def model(self) -> tuple[nn.Module, dict[str, LayerCodes]]:
-        """The fake-quant reference model (W = α·Q exactly) and its codes."""
+    def model(self, where: str = "packed file") -> tuple[nn.Module, dict[str, LayerCodes]]:
+        """The fake-quant reference model (W = α·Q exactly) and its codes, checked (`reference_model`)."""
         layers = self.layer_codes()
         floats = {k: torch.from_numpy(np.array(v)) for k, v in self.floats.items()}
-        return reference_model(self.full_meta(), floats, layers, "packed file"), layers
+        return reference_model(self.full_meta(where), floats, layers, where), layers
 
     def sizes(self) -> dict[str, int]:
         """Bytes of packed payloads, scales, float tensors, their sum, and float32 weights."""
@@ -194,40 +198,40 @@ def _json(header: dict[str, str], key: str, path: Path):
     try:
         return json.loads(header[key])
     except (KeyError, json.JSONDecodeError):
-        raise UserError(f"{path}: metadata entry {key!r} is missing or not JSON; the file is corrupted") from None
+        raise BadFile(f"{path}: metadata entry {key!r} is missing or not JSON; the file is corrupted") from None
 
 
 def _layer(info: dict, tensors: dict[str, np.ndarray], path: Path) -> PackedLayer:
     """One layer entry checked against every rule of docs/packing.md."""
     try:
-        name, shape, bits, scheme = info["name"], tuple(int(s) for s in info["shape"]), info["bits"], info["scheme"]
+        name, shape, bits, scheme = str(info["name"]), tuple(int(s) for s in info["shape"]), info["bits"], info["scheme"]
         width, encoding, axis = info["width"], info["encoding"], info["axis"]
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: a layer entry lacks name/shape/bits/scheme/width/encoding/axis; the file is corrupted") from None
+        raise BadFile(f"{path}: a layer entry lacks name/shape/bits/scheme/width/encoding/axis; the file is corrupted") from None
     where = f"{path}: layer {name}"
     if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise UserError(f"{where} has bits={bits!r}, outside 1-8; the file is corrupted or was not written by qexport")
+        raise BadFile(f"{where} has bits={bits!r}, outside 1-8; the file is corrupted or was not written by qexport")
     try:
         codes = CodeSet(bits, scheme)
     except ValueError as e:
-        raise UserError(f"{where}: {e}") from None
+        raise BadFile(f"{where}: {e}") from None
     if width != codes.storage_bits or encoding != encoding_for(codes):
-        raise UserError(f"{where}: {codes.describe()} is stored as {codes.storage_bits}-bit {encoding_for(codes)}, "
+        raise BadFile(f"{where}: {codes.describe()} is stored as {codes.storage_bits}-bit {encoding_for(codes)}, "
                         f"but the file says {width}-bit {encoding}")
     if info.get("order", "C") != "C" or any(s < 0 for s in shape):
-        raise UserError(f"{where}: shape {shape} in order {info.get('order')!r} is not supported (C order only)")
-    data = tensors.get(info.get("packed", f"packed/{name}"))
-    scale = tensors.get(info.get("scale", f"scale/{name}"))
+        raise BadFile(f"{where}: shape {shape} in order {info.get('order')!r} is not supported (C order only)")
+    data = tensors.get(str(info.get("packed", f"packed/{name}")))
+    scale = tensors.get(str(info.get("scale", f"scale/{name}")))
     if data is None or scale is None:
-        raise UserError(f"{where}: tensor packed/{name} or scale/{name} is missing; the file is corrupted")
+        raise BadFile(f"{where}: tensor packed/{name} or scale/{name} is missing; the file is corrupted")
     count = int(np.prod(shape, dtype=np.int64))
     need = bitpack.packed_size(count, width)
     if data.dtype != np.uint8 or data.ndim != 1 or data.size != need:
-        raise UserError(f"{where}: payload has {data.size} bytes ({data.dtype}), but shape {shape} at {width} bits "
+        raise BadFile(f"{where}: payload has {data.size} bytes ({data.dtype}), but shape {shape} at {width} bits "
                         f"needs exactly {need} (uint8); the file is corrupted")
     want_scale = (shape[0],) if axis == 0 else ()
     if axis not in (None, 0) or scale.dtype != np.float32 or scale.shape != want_scale or not np.all(np.isfinite(scale) & (scale > 0)):
-        raise UserError(f"{where}: scale has shape {scale.shape} ({scale.dtype}) for axis {axis!r}; "
+        raise BadFile(f"{where}: scale has shape {scale.shape} ({scale.dtype}) for axis {axis!r}; "
                         f"expected float32 {want_scale} with finite positive values")
     return PackedLayer(name, shape, codes, data, scale)
 
@@ -235,30 +239,28 @@ def _layer(info: dict, tensors: dict[str, np.ndarray], path: Path) -> PackedLaye
 def read_packed(path: str | Path) -> Packed:
     """Read and check a packed file; one clear UserError for anything that breaks the layout."""
     path = Path(path)
-    header = read_header(path)  # missing file, not safetensors, truncated
+    header, tensors = read_safetensors(path, numpy=True)  # missing file, not safetensors, truncated
     fmt = header.get("format")
     if fmt != FORMAT:
-        raise UserError(f"{path} is not a qexport packed file (format {fmt!r}); make one with `qexport pack ARTIFACT`")
+        raise BadFile(f"{path} is not a qexport packed file (format {fmt!r}); make one with `qexport pack ARTIFACT`")
     version = header.get("layout_version", "")
     if version != str(LAYOUT_VERSION):
-        raise UserError(f"{path} has unknown layout version {version!r}; this qexport reads layout {LAYOUT_VERSION} "
+        raise BadFile(f"{path} has unknown layout version {version!r}; this qexport reads layout {LAYOUT_VERSION} "
                         "(upgrade qexport or re-pack the artifact)")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read tensors ({e}); the file is truncated or corrupted") from None
     infos = _json(header, "layers", path)
     if not isinstance(infos, list):
-        raise UserError(f"{path}: metadata 'layers' is not a list; the file is corrupted")
+        raise BadFile(f"{path}: metadata 'layers' is not a list; the file is corrupted")
     layers = [_layer(info, tensors, path) for info in infos]
+    if len({lay.name for lay in layers}) != len(layers):
+        raise BadFile(f"{path}: a layer is listed twice; the file is corrupted")
     floats = {k[len("float/"):]: v for k, v in tensors.items() if k.startswith("float/")}
     known = {f"packed/{lay.name}" for lay in layers} | {f"scale/{lay.name}" for lay in layers} | {f"float/{k}" for k in floats}
     if set(tensors) - known:
-        raise UserError(f"{path}: unexpected tensors {sorted(set(tensors) - known)[:3]}; the file is corrupted")
+        raise BadFile(f"{path}: unexpected tensors {sorted(set(tensors) - known)[:3]}; the file is corrupted")
     meta = {k: v for k, v in header.items() if k != "content_sha256"}
     digest = content_hash(tensors, meta)
     if digest != header.get("content_sha256"):
-        raise UserError(f"{path}: content hash mismatch; the file is corrupted or was edited (re-pack the artifact)")
+        raise BadFile(f"{path}: content hash mismatch; the file is corrupted or was edited (re-pack the artifact)")
     packed = Packed(layers, floats, _json(header, "architecture", path), _json(header, "preprocessing", path),
                     _json(header, "provenance", path), header.get("source_sha256", ""), digest,
                     path.stat().st_size, LAYOUT_VERSION, header)
@@ -266,9 +268,10 @@ def read_packed(path: str | Path) -> Packed:
         try:
             q = lay.unpack()
         except ValueError as e:
-            raise UserError(f"{path}: layer {lay.name}: {e}") from None
+            raise BadFile(f"{path}: layer {lay.name}: {e}") from None
         if not lay.codes.contains(q):
-            raise UserError(f"{path}: layer {lay.name} holds codes outside {lay.codes.describe()}; the file is corrupted")
+            raise BadFile(f"{path}: layer {lay.name} holds codes outside {lay.codes.describe()}; the file is corrupted")
+    packed.model(str(path))  # the model it describes builds, fits its tensors and runs (`reference_model`)
     return packed
 
 
