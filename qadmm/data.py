@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qadmm.errors import UserError
+from qadmm.errors import BadData, UserError
 
 NAMES = ("digits", "seeds", "pendigits", "mnist", "mnist-10k", "fashion-mnist", "cifar10", "cifar100", "npz", "csv")
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -214,22 +214,25 @@ def _load_raw(name: str, data_dir: Path, path: Path | None, label_column: str | 
             if isinstance(e, UserError):
                 raise
             raise UserError(f"cannot read {path} as npz: {e}") from None
-        return xtr.astype(np.float32), ytr.astype(np.int64), xte.astype(np.float32), yte.astype(np.int64), {"source": str(path), "split": "file's train/test"}
+        return xtr, ytr, xte, yte, {"source": str(path), "split": "file's train/test"}
     if name == "csv":
         if path is None:
             raise UserError("dataset 'csv' needs a file: pass --data path/to/file.csv --label-column NAME")
         if not label_column:
             raise UserError(f"{path}: name the label column with --label-column NAME")
-        lines = _need(path, name).read_text().splitlines()
+        lines = [line for line in _need(path, name).read_text().splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise BadData(f"{path}: no data rows (a .csv dataset is a header line, then one sample per line)")
         header = [h.strip() for h in lines[0].split(",")]
         if label_column not in header:
             raise UserError(f"{path}: no column {label_column!r}; columns are {', '.join(header)}")
         try:
-            arr = np.array([[float(v) for v in line.split(",")] for line in lines[1:] if line.strip()], dtype=np.float64)
+            arr = np.array([[float(v) for v in line.split(",")] for line in lines[1:]], dtype=np.float64)
         except ValueError:
-            raise UserError(f"{path}: every value must be numeric (encode categories as numbers first)") from None
+            raise BadData(f"{path}: every value must be numeric and every row must have {len(header)} values "
+                          "(encode categories as numbers first)") from None
         li = header.index(label_column)
-        y_raw = arr[:, li]
+        y_raw = _labels(arr[:, li], f"{path} column {label_column!r}")  # whole numbers; mapped to 0..C-1 below
         classes, y = np.unique(y_raw, return_inverse=True)
         x = np.delete(arr, li, axis=1).astype(np.float32)
         tr, te = _stratified_split(y.astype(np.int64), 0.2, rng)
@@ -237,13 +240,46 @@ def _load_raw(name: str, data_dir: Path, path: Path | None, label_column: str | 
     raise UserError(f"unknown dataset {name!r}: use one of {', '.join(NAMES)}, or a path to a .npz or .csv file")
 
 
+def check_input_shape(data: Dataset, shape: tuple[int, ...], model: str) -> None:
+    """Refuse a dataset whose samples do not have the model's input shape, naming a channels-last
+    layout when that is what it is."""
+    got, shape = tuple(data.input_shape), tuple(shape)
+    if got == shape:
+        return
+    hint = ""
+    if len(got) == len(shape) == 3 and got == (*shape[1:], shape[0]):
+        hint = "; the data looks channels-last (N, H, W, C): transpose it to (N, C, H, W) with x.transpose(0, 3, 1, 2)"
+    raise BadData(f"dataset {data.name!r} has samples of shape {got}, {model} takes {shape}{hint}")
+
+
+def _features(x, what: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise BadData(f"{what}: features are {x.dtype}, not numbers; encode them as floats first")
+    return x.astype(np.float32)
+
+
+def _labels(y, what: str) -> np.ndarray:
+    """Class indices 0..C-1, one per sample: one-hot rows and fractional values are refused."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        raise BadData(f"{what}: labels have shape {y.shape}, one-hot or scores; give class indices (y.argmax(1))")
+    y = y.reshape(len(y)) if y.ndim == 2 else y
+    if y.ndim != 1 or y.dtype.kind not in "biuf":
+        raise BadData(f"{what}: labels must be a 1-D array of class indices, got {y.dtype} of shape {y.shape}")
+    if y.dtype.kind == "f" and (not np.isfinite(y).all() or (y != np.round(y)).any()):
+        raise BadData(f"{what}: labels must be whole class indices 0..C-1, found fractional or NaN values "
+                      f"(e.g. {y[~np.isfinite(y) | (y != np.round(y))][:3].tolist()})")
+    return y.astype(np.int64)
+
+
 def _check(x: np.ndarray, y: np.ndarray, what: str) -> None:
-    if x.ndim < 2 or len(x) != len(y):
-        raise UserError(f"{what}: features must have shape (N, ...) with one label per row, got {x.shape} and {y.shape}")
-    if not np.isfinite(x).all():
-        raise UserError(f"{what}: features contain NaN or infinite values; clean or impute them first")
     if len(x) == 0:
-        raise UserError(f"{what}: no samples")
+        raise BadData(f"{what}: no samples")
+    if x.ndim < 2 or len(x) != len(y):
+        raise BadData(f"{what}: features must have shape (N, ...) with one label per row, got {x.shape} and {y.shape}")
+    if not np.isfinite(x).all():
+        raise BadData(f"{what}: features contain NaN or infinite values; clean or impute them first")
 
 
 def load_dataset(
@@ -262,7 +298,14 @@ def load_dataset(
     if name.endswith(".npz") or name.endswith(".csv"):
         path, name = Path(name), name.rsplit(".", 1)[1]
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    xtv, ytv, xte, yte, info = _load_raw(name, data_dir, path, label_column, seed)
+    try:
+        xtv, ytv, xte, yte, info = _load_raw(name, data_dir, path, label_column, seed)
+    except UserError:
+        raise
+    except Exception as e:  # a corrupted archive, a malformed text file: whatever its parser raises
+        where = path or data_dir / name
+        raise BadData(f"cannot read dataset {name!r} from {where} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'}); "
+                      "the file is corrupted or not in the expected format (re-download or re-export it)") from None
     if label_column:
         info["label_column"] = label_column
     return from_arrays(name, xtv, ytv, xte, yte, info, seed, val_fraction)
@@ -272,8 +315,8 @@ def from_arrays(name: str, xtv: np.ndarray, ytv: np.ndarray, xte: np.ndarray, yt
                 seed: int = 0, val_fraction: float = 0.1) -> Dataset:
     """A Dataset from train and test arrays (features (N, ...), labels 0..C-1): a stratified
     `val_fraction` of the training rows is held out, the normalisation statistics fitted on the rest."""
-    xtv, xte = np.asarray(xtv, np.float32), np.asarray(xte, np.float32)
-    ytv, yte = np.asarray(ytv).astype(np.int64), np.asarray(yte).astype(np.int64)
+    xtv, xte = _features(xtv, f"dataset {name!r} (train)"), _features(xte, f"dataset {name!r} (test)")
+    ytv, yte = _labels(ytv, f"dataset {name!r} (train)"), _labels(yte, f"dataset {name!r} (test)")
     _check(xtv, ytv, f"dataset {name!r} (train)")
     _check(xte, yte, f"dataset {name!r} (test)")
     if xtv.shape[1:] != xte.shape[1:]:

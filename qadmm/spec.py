@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from qadmm.codes import CodeSet, dequantize
-from qadmm.errors import UserError
+from qadmm.errors import BadValue, UserError
 
 P = TypeVar("P")
 
@@ -74,6 +75,8 @@ class QuantSpec:
     def validate(self) -> None:
         """Refuse a bad code set, bit width or pattern before any work (patterns are matched later,
         against the model, by `qadmm.layers.select_layers`)."""
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise BadValue(f"seed {self.seed!r}: use a whole number from 0 to 2^32-1")
         self.codes
         for pattern, bits in self.layer_bits.items():
             if not isinstance(pattern, str) or not pattern:
@@ -97,8 +100,31 @@ class QuantSpec:
             except (TypeError, ValueError):
                 raise UserError(f"hyperparameter {k}={v!r}: expected {type(default).__name__}") from None
             if isinstance(default, bool) and isinstance(v, str):
+                if v.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise BadValue(f"hyperparameter {k}={v!r}: expected true or false")
                 kw[k] = v.lower() in ("1", "true", "yes", "on")
-        return params_cls(**kw)
+        out = params_cls(**kw)  # the method's own checks first: their messages are the most specific
+        for k, v in kw.items():
+            _check_number(k, v, names[k].default)
+        return out
+
+
+# Hyperparameters that are meaningless at 0 (a step size, a penalty, a count of rounds or samples).
+POSITIVE = ("lr", "rho", "rho_growth", "batch_size", "block_size", "iters", "max_iter", "epochs",
+            "update_every", "min_steps", "inner_epochs")
+
+
+def _check_number(name: str, value: Any, default: Any) -> None:
+    """Numeric hyperparameters are rates, penalties, counts and shares: finite and never negative;
+    positive for those in POSITIVE (0 elsewhere switches an option off, e.g. retrain_epochs=0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise BadValue(f"hyperparameter {name}={value}: must be a finite number")
+    if name in POSITIVE and value <= 0:
+        raise BadValue(f"hyperparameter {name}={value}: must be positive (default {default})")
+    if value < 0:
+        raise BadValue(f"hyperparameter {name}={value}: must be 0 or positive (default {default})")
 
 
 def _check_bits(pattern: str, bits: object) -> None:

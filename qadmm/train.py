@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qadmm.data import Dataset
+from qadmm.errors import BadValue
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -67,6 +68,13 @@ def batches(n: int, batch_size: int, gen: torch.Generator):
         yield perm[i : i + batch_size]
 
 
+def check_loss(loss: torch.Tensor, what: str = "training") -> None:
+    """Stop a diverging run with an error instead of letting it write NaN weights."""
+    if not torch.isfinite(loss.detach()).all():
+        raise BadValue(f"{what} diverged: the loss became {float(loss.detach())} (lower the learning rate, "
+                       "e.g. --lr or --param lr=..., or check the data for extreme values)")
+
+
 def train_epoch(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                 gen: torch.Generator, loss_extra=None, after_step=None) -> float:
     """One pass of minibatch `opt` on cross-entropy (+ `loss_extra()`); returns the mean task+extra loss.
@@ -78,6 +86,7 @@ def train_epoch(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.T
         loss = ce(forward(x[idx]), y[idx])
         if loss_extra is not None:
             loss = loss + loss_extra()
+        check_loss(loss)
         loss.backward()
         opt.step()
         total += loss.item() * len(idx)

@@ -33,6 +33,7 @@ from qadmm.zoo import Normalize
 from qexport.artifact import Artifact, load_artifact
 from qexport.fileio import versions
 from qexport.graph import trace
+from qexport.ops.base import OUTPUT
 
 DEFAULT_METHOD = "lq"
 
@@ -100,6 +101,10 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     pre = normalization(normalize, data)
     model = with_normalization(copy.deepcopy(model), pre).eval()
     graph = trace(model, data.input_shape)  # refuses unsupported ops now, not after minutes of work
+    out_shape = graph.shapes.get(OUTPUT, [])
+    if len(out_shape) != 1 or out_shape[0] < data.num_classes:
+        raise UserError(f"the model outputs {tuple(out_shape)} per sample; qexport quantizes classifiers whose output is "
+                        f"one score per class, and dataset {data.name!r} has {data.num_classes} classes")
     first = graph.ops[0]
     if pre["type"] == "none" and first.kind == "normalize" and first.inputs == ["input"]:  # a zoo model's own
         pre = {"type": "standardize", "mean": first.module.mean.tolist(), "std": first.module.std.tolist(),
@@ -112,7 +117,7 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     codes = spec.codes
     meta = {
         "architecture": {"model": model_name or type(model).__name__, "input_shape": list(data.input_shape),
-                         "num_classes": data.num_classes},
+                         "num_classes": out_shape[0]},
         "preprocessing": pre,
         "dataset": data.describe(),
         "float_training": source or {},

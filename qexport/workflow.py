@@ -94,6 +94,7 @@ def float_model(data, model_name: str | None, checkpoint: str | None, seed: int,
     model trained here. Returns (model, model name, float-model info). A user's model gets no
     normalisation here: `normalize` (none | fit | MEAN,STD) is applied by `qexport.api.quantize`,
     or, when the model is trained here, before training."""
+    from qadmm.data import check_input_shape
     from qadmm.train import TrainConfig, accuracy, seed_everything, train_epochs
     from qadmm.zoo import NAMES, build_model, default_model
     from qexport import api
@@ -103,9 +104,10 @@ def float_model(data, model_name: str | None, checkpoint: str | None, seed: int,
     if checkpoint and not user:
         model, meta = load_checkpoint(checkpoint)
         arch = meta["architecture"]
-        if tuple(arch["input_shape"]) != data.input_shape or arch["num_classes"] != data.num_classes:
-            raise UserError(f"checkpoint {checkpoint} was trained for input {tuple(arch['input_shape'])} with "
-                            f"{arch['num_classes']} classes, but dataset {data.name!r} has {data.input_shape} and {data.num_classes}")
+        check_input_shape(data, tuple(arch["input_shape"]), f"checkpoint {checkpoint}")
+        if arch["num_classes"] < data.num_classes:
+            raise UserError(f"checkpoint {checkpoint} has {arch['num_classes']} classes, but dataset {data.name!r} has "
+                            f"labels up to {data.num_classes - 1}")
         return model, arch["model"], {"checkpoint": str(checkpoint), **meta.get("training", {})}
     name = model_name or default_model(data.name, data.input_shape)
     seed_everything(seed)

@@ -39,7 +39,7 @@ from qadmm.layerwise import output_error, walk
 from qadmm.methods.gptq import GPTQ, refit_alpha
 from qadmm.methods.gptq import Params as GPTQParams
 from qadmm.spec import QuantResult, QuantSpec
-from qadmm.train import predict, seed_everything
+from qadmm.train import check_loss, predict, seed_everything
 
 BIAS_CORRECTION = True  # as for gptq (docs/calibration.md)
 RECALIBRATE = True  # the cascade may move BatchNorm a little, never onto the quantized statistics
@@ -144,6 +144,7 @@ def cascade(model: nn.Module, teacher_logits: torch.Tensor, x: torch.Tensor, nam
         for idx in torch.randperm(len(x), generator=gen).split(p.batch_size):
             loss = nn.functional.mse_loss(model(x[idx]), teacher_logits[idx])
             opt.zero_grad(set_to_none=True)
+            check_loss(loss, "LDNQ's cascade retraining")
             loss.backward()
             opt.step()
             loss_v, done = float(loss.detach()), done + 1

@@ -37,7 +37,7 @@ from qadmm.layerwise import layer_codes
 from qadmm.methods.gptq import GPTQ
 from qadmm.methods.gptq import Params as GPTQParams
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec
-from qadmm.train import batches, device_of, evaluate, seed_everything
+from qadmm.train import batches, check_loss, device_of, evaluate, seed_everything
 
 
 @dataclass
@@ -167,6 +167,7 @@ class Trainer:
                 total += float(loss.detach())
                 if extra is not None:
                     loss = loss + extra()
+                check_loss(loss, "LQ's training step")
                 loss.backward()
                 self.opt.step()
                 done += 1

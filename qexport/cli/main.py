@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from qadmm.errors import UserError
+from qexport.cli.options import SEED, Group, data_file, data_options, factory_file, normalize_option, train_options
 from qexport.workflow import float_model, load_data, preprocessing
 
 EPILOG_QUANTIZE = """\b
@@ -20,23 +21,6 @@ Examples:
   qexport quantize --checkpoint models/fashion-resnet20.safetensors --data fashion-mnist \
       --method ldnq --bits 2 --per-channel --calib-samples 4096
 """
-
-
-class Group(click.Group):
-    """Bad input becomes one line on stderr and exit status 2 (the traceback only with --debug)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (UserError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            if (ctx.obj or {}).get("debug"):
-                raise
-            msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
-            click.echo(f"error: {msg}", err=True)
-            ctx.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            ctx.exit(130)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -60,37 +44,12 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)["debug"] = debug
 
 
-def data_options(f):
-    f = click.option("--label-column", default=None, help="Label column of a .csv dataset.")(f)
-    f = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                     help="Folder with DIR/<dataset>/<original files> (default: $QEXPORT_DATA, else ./data).")(f)
-    f = click.option("--data", "data_name", default="digits", show_default=True,
-                     help="Dataset name (digits, seeds, pendigits, mnist, mnist-10k, fashion-mnist, cifar10, cifar100) "
-                          "or a path to a .npz / .csv file.")(f)
-    return f
-
-
-def normalize_option(f):
-    return click.option("--normalize", default=None, metavar="none|fit|MEAN,STD",
-                        help="Standardise the input in front of YOUR model (module:factory): none (default: the "
-                             "model gets the raw features, as you trained it), fit (mean/std of the training split), "
-                             "or MEAN,STD. Zoo models and qexport checkpoints carry their own.")(f)
-
-
-def train_options(f):
-    f = click.option("--epochs", type=click.IntRange(1), default=None, help="Float training epochs (default per dataset).")(f)
-    f = click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Adam learning rate.")(f)
-    f = click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)(f)
-    f = click.option("--patience", type=click.IntRange(1), default=30, show_default=True, help="Early-stopping patience (epochs).")(f)
-    return f
-
-
 @main.command()
 @data_options
 @click.option("--model", "model_name", default=None, help="Zoo model (mlp-seeds, mlp-pendigits, mlp-mnist, mlp-digits, "
               "cnn-small, resnet20) or package.module:factory. Default: the dataset's thesis topology.")
 @train_options
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint path (.safetensors; a .json card is written beside it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -105,14 +64,17 @@ def train(data_name, data_dir, label_column, model_name, epochs, lr, batch_size,
       qexport train --data digits --model cnn-small --epochs 60
     """
     from qexport.api import normalization
-    from qexport.checkpoint import save_checkpoint
+    from qexport.checkpoint import card_path, save_checkpoint
     from qexport.fileio import check_output_path, versions
 
     from qadmm.zoo import NAMES
 
+    inputs = (data_file(data_name), factory_file(model_name))
+    if output:
+        check_output_path(output, inputs, [card_path(output)])
     data = load_data(data_name, data_dir, seed, label_column)
     out = Path(output or f"{data.name}-{(model_name or 'default').replace(':', '_').replace('/', '_')}.safetensors")
-    check_output_path(out)
+    check_output_path(out, inputs, [card_path(out)])
     model, name, info = float_model(data, model_name, None, seed, epochs, lr, batch_size, patience, not quiet, normalize)
     arch = {"model": name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     pre = preprocessing(data) if name in NAMES else normalization(normalize, data)
@@ -186,7 +148,7 @@ def layer_table(history: list) -> str:
                    "(default: on for gptq, ldnq; off otherwise).")
 @click.option("--device", default="cpu", show_default=True, help="Where training-based back-ends run: cpu, cuda, cuda:1 ...")
 @train_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for splits, training and the method.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for splits, training and the method.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Artifact path (default printed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--list-methods", is_flag=True, help="List the back-ends and their hyperparameters, then exit.")
@@ -200,6 +162,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     from qadmm.spec import QuantSpec
     from qadmm.zoo import NAMES
     from qexport import api
+    from qexport.checkpoint import card_path
     from qexport.describe import describe_preprocessing
     from qexport.fileio import check_output_path
 
@@ -220,13 +183,14 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     if normalize not in (None, "none") and not user:
         raise UserError("--normalize is for your own model (--model module:factory): zoo models and qexport "
                         "checkpoints carry their own normalisation")
+    inputs = (checkpoint, checkpoint and card_path(checkpoint), data_file(data_name), factory_file(model_name))
     if output:
-        check_output_path(output)
+        check_output_path(output, inputs)
     data = load_data(data_name, data_dir, seed, label_column)
     model, name, source = float_model(data, model_name, checkpoint, seed, epochs, lr, batch_size, patience, not quiet,
                                       normalize)
     out = Path(output or f"{data.name}-{Path(name).stem.replace(':', '_')}-{method}-{bits}b.qx.safetensors")
-    check_output_path(out)
+    check_output_path(out, inputs)
     art = api.quantize(model, data, method, bits, scheme=scheme, per_channel=per_channel, layer_bits=lbits,
                        exclude=exclude, keep_first=keep_first, keep_last=keep_last, params=spec.params,
                        normalize=normalize if user and checkpoint else None, calib_samples=calib_samples,

@@ -9,11 +9,13 @@ import numpy as np
 
 from qadmm.errors import UserError
 
+from qexport.cli.options import SEED, Finite, data_file
 from qexport.onnx.export import FORMS
 
 
 def _dataset(art, data_name, data_dir, seed):
     """The dataset named, or the artifact's own (same name and seed) when none is."""
+    from qadmm.data import check_input_shape
     from qexport.workflow import load_data
 
     ds = art.meta.get("dataset", {})
@@ -27,14 +29,12 @@ def _dataset(art, data_name, data_dir, seed):
     if not name:
         raise UserError("name the data with --data (a dataset name or a .npz/.csv path)")
     data = load_data(name, data_dir, ds.get("seed", 0) if seed is None else seed, label_column)
-    shape = tuple(art.meta["architecture"]["input_shape"])
-    if data.input_shape != shape:
-        raise UserError(f"dataset {name!r} has samples of shape {data.input_shape}, the artifact's model takes {shape}")
+    check_input_shape(data, tuple(art.meta["architecture"]["input_shape"]), "the artifact's model")
     return data
 
 
 def _data_opts(f):
-    f = click.option("--seed", type=int, default=None, help="Split seed (default: the artifact's).")(f)
+    f = click.option("--seed", type=SEED, default=None, help="Split seed (default: the artifact's).")(f)
     f = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Folder with DIR/<dataset>/ (default: $QEXPORT_DATA, else ./data).")(f)
     f = click.option("--data", "data_name", default=None, help="Dataset name or .npz path (default: the artifact's dataset).")(f)
@@ -50,7 +50,7 @@ def _data_opts(f):
 @_data_opts
 @click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True,
               help="Activation range estimate (integer forms).")
-@click.option("--percentile", type=float, default=99.99, show_default=True, help="Share of values kept by --calibration percentile.")
+@click.option("--percentile", type=Finite(0, 100, min_open=True), default=99.99, show_default=True, help="Share of values kept by --calibration percentile.")
 @click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True, help="Training batches for calibration.")
 @click.option("--calib-batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--opset", type=click.IntRange(13, 25), default=None,
@@ -72,9 +72,9 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
     from qexport.artifact import load_artifact
     from qexport.fileio import check_output_path
 
-    art = load_artifact(artifact)
     out = Path(output or f"{Path(artifact).name.split('.')[0]}.{form}.onnx")
-    check_output_path(out)
+    check_output_path(out, [artifact, data_file(data_name)])
+    art = load_artifact(artifact)
     data = None
     if form != "weights":
         from qexport.onnx.qoperator import check_int8
@@ -92,9 +92,9 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
 @_data_opts
 @click.option("--max-samples", type=click.IntRange(1), default=None, help="Use the first N test samples (default: all).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
-@click.option("--rel-tol", type=float, default=1e-5, show_default=True, help="weights: max |Δ| / max |reference|.")
-@click.option("--step-tol", type=float, default=1.0, show_default=True, help="qdq/qoperator: max |Δ| in output steps.")
-@click.option("--min-agreement", type=float, default=None, help="Top-1 agreement in %% (default 100 for weights, 99.9 otherwise).")
+@click.option("--rel-tol", type=Finite(0), default=1e-5, show_default=True, help="weights: max |Δ| / max |reference|.")
+@click.option("--step-tol", type=Finite(0), default=1.0, show_default=True, help="qdq/qoperator: max |Δ| in output steps.")
+@click.option("--min-agreement", type=Finite(0, 100), default=None, help="Top-1 agreement in %% (default 100 for weights, 99.9 otherwise).")
 def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report, rel_tol, step_tol, min_agreement):
     """Check onnxruntime against the exact PyTorch reference of the artifact; exit 1 on failure.
 
@@ -112,6 +112,10 @@ def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report,
     from qexport.onnx.verify import Tolerance
     from qexport.onnx.verify import verify as run_verify
 
+    from qexport.fileio import check_output_path
+
+    if report:
+        check_output_path(report, [model_path, artifact, data_file(data_name)])
     art = load_artifact(artifact)
     data = _dataset(art, data_name, data_dir, seed)
     x, y = data.x_test[:max_samples], data.y_test[:max_samples]
@@ -160,7 +164,7 @@ def format_report(rep: dict) -> str:
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, exists=True))
 @click.option("--data", "data_name", default=None, help="Dataset (name or .npz): accuracy on its test split, and latency.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--seed", type=int, default=0, show_default=True, help="Split seed of --data.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Split seed of --data.")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False, exists=True), default=None, help="A .npy array of raw features: predict it.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="With --input: write the outputs (logits) here (.npy).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
@@ -177,8 +181,6 @@ def run(model_path, data_name, data_dir, seed, input_path, output, batch_size, r
       qexport run model.qdq.onnx --data mnist-10k --data-dir ../shared/data --batch-size 1 --repeats 200
       qexport run model.onnx --input samples.npy -o logits.npy
     """
-    import onnx
-
     from qexport.onnx import runner
     from qexport.fileio import atomic_path, check_output_path
 
@@ -186,17 +188,15 @@ def run(model_path, data_name, data_dir, seed, input_path, output, batch_size, r
         raise UserError("give exactly one of --data (accuracy and latency) or --input x.npy (predictions)")
     if output and not input_path:
         raise UserError("-o/--output writes predictions for --input; with --data nothing is written")
-    try:
-        proto = onnx.load(model_path, load_external_data=False)
-    except Exception as e:
-        raise UserError(f"{model_path} is not a readable ONNX model: {str(e).splitlines()[0]}") from None
+    out = Path(output or Path(input_path).with_suffix(".pred.npy")) if input_path else None
+    if out is not None:
+        check_output_path(out, [model_path, input_path])
+    proto = runner.load_onnx(model_path)
     config = {} if ort_defaults else runner.faithful_config(proto)
-    sess = runner.make_session(model_path, opt_level, config, threads)
+    sess = runner.make_session(proto.SerializeToString(), opt_level, config, threads)
     if input_path:
         x = runner.load_input_array(input_path)
         logits = runner.predict(sess, x, batch_size)
-        out = Path(output or Path(input_path).with_suffix(".pred.npy"))
-        check_output_path(out)
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, logits)

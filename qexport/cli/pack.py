@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from qexport.fileio import check_output_path
+
 
 def _beside(path: str, suffix: str) -> Path:
     """The default output: PATH's name with its qexport suffix replaced, in PATH's folder."""
@@ -34,7 +36,7 @@ def pack(artifact, output):
     """
     from qexport.pack.packfile import pack_file
 
-    out = Path(output) if output else _beside(artifact, ".qpk.safetensors")
+    out = check_output_path(Path(output) if output else _beside(artifact, ".qpk.safetensors"), [artifact])
     packed = pack_file(artifact, out)
     s = packed.sizes()
     widths = ", ".join(sorted({f"{lay.codes.scheme} {lay.codes.bits}-bit at {lay.width} bit{'s' * (lay.width > 1)}/weight"
@@ -62,7 +64,7 @@ def unpack(packed, output):
     """
     from qexport.pack.packfile import unpack_file
 
-    out = Path(output) if output else _beside(packed, ".unpacked.qx.safetensors")
+    out = check_output_path(Path(output) if output else _beside(packed, ".unpacked.qx.safetensors"), [packed])
     digest = unpack_file(packed, out)
     click.echo(f"wrote {out}  (sha256 {digest[:12]})")
 
@@ -90,7 +92,7 @@ def to_c(model, output):
 
     out = Path(output) if output else _beside(model, "-c")
     packed = load_packed(model)
-    paths = export_c(packed, out)
+    paths = export_c(packed, out, [model])
     s = packed.sizes()
     click.echo(f"wrote {', '.join(p.name for p in paths)} to {out}/")
     click.echo(f"  weights in flash: {s['payload']} B packed codes + {s['scales'] + s['floats']} B float scales/biases/normalisation")

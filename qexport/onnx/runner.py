@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from qadmm.errors import UserError
+from qadmm.errors import BadData, BadFile, UserError
 
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 # What keeps qexport's graphs faithful to the reference (see docs/onnx.md): without it, ORT ≥ 1.20
@@ -53,6 +54,37 @@ def cpu_has_vnni() -> bool | None:
     return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
 
 
+def load_onnx(path: str | Path):
+    """An ONNX model from a file, checked for what every command needs (a graph with one input
+    and an output, weights inside the file); a BadFile for anything else. Nothing it names runs."""
+    import onnx
+
+    from qexport.fileio import _read_bytes
+
+    raw = _read_bytes(path)
+    try:
+        model = onnx.load_model_from_string(raw)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise BadFile(f"{path} is not a readable ONNX model ({type(e).__name__}); is it truncated or another kind of file?") from None
+    g = model.graph
+    if not g.node or len(g.input) - len({t.name for t in g.initializer} & {i.name for i in g.input}) != 1 or not g.output:
+        raise BadFile(f"{path} is not an ONNX classifier qexport can run (it needs one input, one or more outputs and "
+                      f"at least one node; it has {len(g.input)} inputs, {len(g.output)} outputs, {len(g.node)} nodes)")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer):
+        raise BadFile(f"{path} keeps its weights in external data files; save it as one file "
+                      "(onnx.save(model, path, save_as_external_data=False))")
+    return model
+
+
+def run_session(sess, x: np.ndarray) -> list[np.ndarray]:
+    """All outputs of one run on x; onnxruntime's failures (a graph that loads but cannot run on
+    this input) as one UserError."""
+    try:
+        return sess.run(None, {sess.get_inputs()[0].name: x})
+    except Exception as e:  # onnxruntime's Fail/InvalidArgument/RuntimeException
+        raise BadFile(f"onnxruntime failed running the graph on input {x.shape}: {str(e).strip().splitlines()[0][:300]}") from None
+
+
 def make_session(model: bytes | str, level: str = "all", config: dict[str, str] | None = None, threads: int = 0,
                  profile_prefix: str | None = None):
     """An onnxruntime CPU session with the given optimisation level, config entries and threads
@@ -73,7 +105,7 @@ def make_session(model: bytes | str, level: str = "all", config: dict[str, str] 
         return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
         where = model if isinstance(model, str) else "the graph"
-        raise UserError(f"onnxruntime cannot load {where}: {str(e).splitlines()[0]}") from None
+        raise BadFile(f"onnxruntime cannot load {where}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}") from None
 
 
 def fit_input(sess, x: np.ndarray) -> np.ndarray:
@@ -100,14 +132,13 @@ def predict(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     x = fit_input(sess, x)
     fb = fixed_batch(sess)
     bs = fb or batch_size
-    name = sess.get_inputs()[0].name
     out = []
     for i in range(0, len(x), bs):
         xb = x[i:i + bs]
         n = len(xb)
         if fb and n < fb:
             xb = np.concatenate([xb, np.zeros((fb - n, *xb.shape[1:]), np.float32)])
-        out.append(sess.run(None, {name: xb})[0][:n])
+        out.append(run_session(sess, xb)[0][:n])
     return np.concatenate(out)
 
 
@@ -127,6 +158,7 @@ def latency(sess, x: np.ndarray, batch_size: int, repeats: int = 50, warmup: int
     if len(xb) < bs:
         xb = np.concatenate([xb] * (-(-bs // len(xb))))[:bs]
     name = sess.get_inputs()[0].name
+    run_session(sess, xb)  # a clear error if the graph cannot run, before timing
     for _ in range(warmup):
         sess.run(None, {name: xb})
     times = []
@@ -140,8 +172,11 @@ def latency(sess, x: np.ndarray, batch_size: int, repeats: int = 50, warmup: int
 def load_input_array(path: str) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} as a .npy array: {e}") from None
-    if not isinstance(x, np.ndarray) or x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
-        raise UserError(f"{path}: expected a numeric array of shape (N, features...), got {getattr(x, 'shape', None)}")
+    except Exception as e:  # not .npy, truncated, pickled objects (refused)
+        raise BadData(f"cannot read {path} as a .npy array of numbers ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    if not isinstance(x, np.ndarray) or x.ndim < 2 or not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise BadData(f"{path}: expected a real numeric array of shape (N, features...), got {getattr(x, 'dtype', type(x).__name__)} "
+                      f"{getattr(x, 'shape', '')}")
+    if not np.isfinite(x).all():
+        raise BadData(f"{path}: the array holds NaN or infinite values")
     return x

@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from qadmm.errors import UserError
+from qadmm.errors import BadFile, UserError
 from qexport.graph import apply_op, evaluate, fuse
 from qexport.onnx.builder import integer_layer, qname, read_metadata
 from qexport.onnx.integer import QParams, from_uint8, to_uint8
 from qexport.onnx.qoperator import reads_input
 from qexport.ops import KINDS
 from qexport.ops.base import INPUT, OUTPUT, Ctx, Op
-from qexport.onnx.runner import SATURATION_SAFE_CODE, cpu_has_vnni, max_code
+from qexport.onnx.runner import SATURATION_SAFE_CODE, cpu_has_vnni, load_onnx, max_code
 
 FORMS = ("weights", "qdq", "qoperator")
 
@@ -150,34 +150,55 @@ def _with_outputs(model, names: list[str], elem_type: int):
 
 
 def _run(model, level: str, config: dict, x: np.ndarray, batch_size: int, names: list[str] | None = None, elem_type: int = 1):
-    from qexport.onnx.runner import make_session
+    from qexport.onnx.runner import make_session, run_session
 
     m = _with_outputs(model, names, elem_type) if names else model
     sess = make_session(m.SerializeToString(), level=level, config=config, threads=0)
     out_names = [o.name for o in sess.get_outputs()]
     chunks: dict[str, list] = {n: [] for n in out_names}
     for i in range(0, len(x), batch_size):
-        for n, v in zip(out_names, sess.run(None, {sess.get_inputs()[0].name: x[i:i + batch_size]})):
+        for n, v in zip(out_names, run_session(sess, x[i:i + batch_size])):
             chunks[n].append(v)
     return {n: np.concatenate(v) for n, v in chunks.items()}
+
+
+def check_signature(model, art, model_path: str) -> None:
+    """The graph takes what the artifact's model takes (raw features of its input shape, any batch)
+    and returns logits of its class count: otherwise it was not exported from this artifact."""
+    def dims(vi) -> list:
+        return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+    arch = art.meta["architecture"]
+    want_in, want_out = list(arch["input_shape"]), [arch["num_classes"]]
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    got_in, got_out = dims(inputs[0])[1:], dims(model.graph.output[0])[1:]
+    if got_in != want_in or got_out != want_out:
+        raise UserError(f"{model_path} maps {got_in} to {got_out} per sample, but the artifact's model maps {want_in} to "
+                        f"{want_out}: it was not exported from this artifact (export it with `qexport to-onnx`)")
 
 
 def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Tolerance | None = None,
            batch_size: int = 256, divergence_samples: int = 256, model=None) -> dict:
     """Compare onnxruntime with the reference on x; the JSON-ready report (`passed` says it all)."""
-    import onnx
 
     tol = tol or Tolerance()
-    model = model if model is not None else onnx.load(model_path)
+    model = model if model is not None else load_onnx(model_path)
     meta = read_metadata(model)
     form = meta.get("qexport.form")
     if form not in FORMS:
         raise UserError(f"{model_path} was not written by `qexport to-onnx` (no qexport.form in its metadata): "
                         f"`qexport run` evaluates any ONNX classifier, `verify` needs a qexport export")
+    check_signature(model, art, model_path)
     ops = fuse(art.graph)
     integer = form != "weights"
     xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
-    qp = read_qparams(model, ops) if integer else None
+    try:
+        qp = read_qparams(model, ops) if integer else None
+    except (ValueError, TypeError, IndexError) as e:  # a quantization parameter of the wrong type or shape
+        if isinstance(e, UserError):
+            raise
+        raise BadFile(f"{model_path}: its quantization parameters are malformed ({e}); it was edited or corrupted") from None
     refs = []
     for i in range(0, len(xt), batch_size):
         r = integer_reference(art, ops, qp, xt[i:i + batch_size]) if integer else float_reference(ops, xt[i:i + batch_size])

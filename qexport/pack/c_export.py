@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from torch import nn
 
 from qadmm.errors import UserError
 from qexport.pack.bitpack import SIGN
-from qexport.fileio import atomic_path
+from qexport.fileio import atomic_path, check_output_path
 from qexport.pack.packfile import Packed
 
 TEMPLATES = ("qmodel.h", "qmodel.c", "qmodel_main.c")
@@ -142,15 +143,19 @@ def c_sources(packed: Packed) -> dict[str, str]:
     return files
 
 
-def export_c(packed: Packed, outdir: str | Path) -> list[Path]:
+def export_c(packed: Packed, outdir: str | Path, inputs: Sequence[str | Path] = ()) -> list[Path]:
     """Write the C sources into `outdir` (created if its parent exists); returns their paths.
-    Everything is generated before the first file is written, and each file is written atomically."""
+    Everything is generated and every path checked (none may be one of `inputs`) before the
+    first file is written, and each file is written atomically."""
     files = c_sources(packed)
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: give a folder for the C sources")
     if not out.parent.is_dir():
         raise UserError(f"folder {out.parent} does not exist: create it first or choose another -o folder")
+    if out.is_dir():
+        for name in files:
+            check_output_path(out / name, inputs)
     out.mkdir(exist_ok=True)
     paths = []
     for name, text in files.items():
