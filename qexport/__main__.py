@@ -2,15 +2,25 @@
 still importing (before click runs) prints one line instead of a traceback."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 
+def interrupted(*_) -> None:
+    """Leave at once: an interrupted import leaves modules half-initialised, and a normal exit
+    would run their cleanup code (and print its tracebacks). Nothing has been written yet."""
+    sys.stdout.flush()
+    sys.stderr.write("interrupted: nothing was written\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def entry() -> None:
-    try:
-        from qexport.cli.main import main
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: nothing was written\n")
-        raise SystemExit(130) from None
+    previous = signal.signal(signal.SIGINT, interrupted)
+    from qexport.cli.main import main
+
+    signal.signal(signal.SIGINT, previous)  # from here on Ctrl-C raises KeyboardInterrupt: outputs clean up
     main()
 
 

@@ -29,7 +29,8 @@ from qadmm.errors import BadFile, UserError
 from qadmm.spec import LayerCodes
 from qadmm.zoo import NAMES, build_model
 from qexport.fileio import atomic_path, read_header, read_safetensors
-from qexport.graph import Graph, GraphModel
+from qexport.graph import Graph, GraphModel, evaluate
+from qexport.ops.base import OUTPUT
 
 FORMAT = "qexport-artifact"
 VERSION = 2
@@ -78,6 +79,9 @@ def content_hash(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
 
 MAX_INPUT_VALUES = 1 << 24  # per sample (a 3×2048×2048 image fits); more is a forged or corrupted shape
 QUANTIZED_KINDS = ("linear", "conv")
+# Provenance entries the commands read, and the JSON type each must have.
+PROVENANCE = {"preprocessing": dict, "dataset": dict, "method": dict, "spec": dict, "accuracy": dict, "history": list,
+              "recalibration": dict, "versions": dict, "float_training": dict, "training": dict}
 
 
 def _positive_ints(v: Any, n: int | None = None) -> bool:
@@ -94,6 +98,23 @@ def check_architecture(meta: Any, where: str) -> dict[str, Any]:
     if not isinstance(arch, dict) or not _positive_ints(arch.get("input_shape")) \
             or not _positive_ints([arch.get("num_classes")]):
         raise BadFile(f"{where}: metadata 'architecture' lacks a valid input_shape and num_classes; the file is corrupted")
+    if not isinstance(arch.get("model", ""), str):
+        raise BadFile(f"{where}: metadata 'architecture.model' is not a name; the file is corrupted")
+    for key, kind in PROVENANCE.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise BadFile(f"{where}: metadata {key!r} is not a JSON {'object' if kind is dict else 'list'}; the file is corrupted")
+    method, acc, pre = meta.get("method", {}), meta.get("accuracy", {}), meta.get("preprocessing", {})
+    if not isinstance(method.get("name", ""), str) or not isinstance(method.get("params", {}), dict) \
+            or not all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in acc.values()):
+        raise BadFile(f"{where}: metadata 'method' or 'accuracy' is malformed; the file is corrupted")
+    if pre.get("type", "standardize") == "standardize" and ("mean" in pre or "std" in pre):
+        try:
+            mean, std = np.asarray(pre["mean"], np.float64), np.asarray(pre["std"], np.float64)
+            ok = mean.shape == std.shape and np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise BadFile(f"{where}: metadata 'preprocessing' needs finite mean and positive std of one shape; the file is corrupted")
     if math.prod(arch["input_shape"]) > MAX_INPUT_VALUES:
         raise BadFile(f"{where}: declared input shape {arch['input_shape']} is absurd "
                       f"(over {MAX_INPUT_VALUES} values per sample); the file is corrupted or forged")
@@ -128,13 +149,22 @@ def model_from_meta(meta: dict[str, Any], where: str, state: dict[str, torch.Ten
         model = build()
         model.load_state_dict(state)
         model.eval()
-        with torch.no_grad():
-            out = model(torch.zeros(1, *arch["input_shape"]))
+        x = torch.zeros(1, *arch["input_shape"])
+        if isinstance(model, GraphModel):  # every value's shape from running the graph, not from the file
+            vals = evaluate(model.graph.ops, x)
+            model.graph.shapes = {k: list(v.shape[1:]) for k, v in vals.items()}
+            out = vals[OUTPUT]
+        else:
+            with torch.no_grad():
+                out = model(x)
     except UserError:
         raise
     except Exception as e:  # attributes of the wrong type or size: whatever the module constructors raise
         raise BadFile(f"{where}: the stored model does not build or run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "the file is corrupted or was edited") from None
+    if not torch.isfinite(out).all():  # e.g. a normalisation std or a BatchNorm variance of 0 or below
+        raise BadFile(f"{where}: the stored model computes NaN or infinity on a zero input (a normalisation std or "
+                      "BatchNorm variance that is zero or negative?); the file is corrupted or was edited")
     if tuple(out.shape) != (1, arch["num_classes"]):
         raise BadFile(f"{where}: the stored model outputs {tuple(out.shape[1:])} per sample, the architecture declares "
                       f"{arch['num_classes']} classes; the file is corrupted or was edited")
@@ -180,7 +210,7 @@ def reference_model(meta: dict[str, Any], floats: dict[str, torch.Tensor], layer
         check_layer(name, lc, where)
     graph = meta.get("graph")
     if isinstance(graph, dict) and isinstance(graph.get("ops"), list):
-        kinds = {o.get("name"): o.get("kind") for o in graph["ops"] if isinstance(o, dict)}
+        kinds = {o["name"]: o.get("kind") for o in graph["ops"] if isinstance(o, dict) and isinstance(o.get("name"), str)}
         odd = [n for n in layers if kinds.get(n) not in QUANTIZED_KINDS]
         if odd:
             raise BadFile(f"{where}: codes for {', '.join(odd[:3])}, which is not a Linear/Conv layer of the stored graph; "

@@ -38,14 +38,20 @@ def describe(path: str | Path, as_json: bool = False) -> str:
     if as_json:
         return json.dumps({"sha256": art.sha256, **art.meta}, indent=2, sort_keys=True)
     m = art.meta
+    arch, ds, method, acc = m["architecture"], m.get("dataset", {}), m.get("method", {}), m.get("accuracy", {})
+    ops = m.get("graph", {}).get("ops", [])
+
+    def pct(v) -> str:
+        return f"{v:.2f}%" if isinstance(v, (int, float)) else "?"
+
     lines = [f"{path}: qexport artifact (sha256 {art.sha256[:16]})",
-             f"model {m['architecture']['model']} input {tuple(m['architecture']['input_shape'])} "
-             f"classes {m['architecture']['num_classes']}; dataset {m['dataset']['name']} (seed {m['dataset']['seed']})",
+             f"model {arch.get('model', '?')} input {tuple(arch['input_shape'])} classes {arch['num_classes']}; "
+             f"dataset {ds.get('name', '?')} (seed {ds.get('seed', '?')})",
              f"input: {describe_preprocessing(m.get('preprocessing', {}))}",
-             f"graph: {len(m.get('graph', {}).get('ops', []))} ops ({', '.join(sorted({o['kind'] for o in m.get('graph', {}).get('ops', [])}))})",
-             f"method {m['method']['name']} {json.dumps(m['method']['params'], sort_keys=True)}",
+             f"graph: {len(ops)} ops ({', '.join(sorted({o['kind'] for o in ops}))})",
+             f"method {method.get('name', '?')} {json.dumps(method.get('params', {}), sort_keys=True)}",
              f"spec: {json.dumps({k: v for k, v in m.get('spec', {}).items() if v not in (None, False, [], {})}, sort_keys=True)}",
-             f"accuracy: float {m['accuracy']['float_test']:.2f}%  quantized {m['accuracy']['quantized_test']:.2f}%", ""]
+             f"accuracy: float {pct(acc.get('float_test'))}  quantized {pct(acc.get('quantized_test'))}", ""]
     header = f"{'layer':24s} {'shape':16s} {'codes':18s} {'alpha range':23s} {'bytes@N':>9s} {'fp32':>9s}  histogram"
     lines += [header, "-" * len(header)]
     tot_q = tot_f = 0

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qadmm.errors import UserError
+from qadmm.errors import BadFile, UserError
 from qexport.ops import IDENTITY_FUNCTIONS, IDENTITY_METHODS, IDENTITY_MODULES, KINDS, kind_of_call, kind_of_module
 from qexport.ops.base import INPUT, OUTPUT, Op, Unsupported
 
@@ -40,8 +40,8 @@ class Graph:
     @classmethod
     def from_json(cls, d: Any, where: str) -> "Graph":
         """A graph read from a file, checked: known kinds, safe names, every input defined before use."""
-        def bad(msg: str) -> UserError:
-            return UserError(f"{where}: invalid model graph ({msg}); the file is corrupted or was edited")
+        def bad(msg: str) -> BadFile:
+            return BadFile(f"{where}: invalid model graph ({msg}); the file is corrupted or was edited")
 
         if not isinstance(d, dict) or not isinstance(d.get("ops"), list) or not d["ops"]:
             raise bad("no ops")

@@ -33,9 +33,10 @@ class Group(click.Group):
             msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
             click.echo(f"error: {msg}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt:  # half-written outputs were removed on the way here (atomic_path)
+            from qexport.__main__ import interrupted
+
+            interrupted()
         except Exception as e:
             if debug():
                 raise

@@ -235,7 +235,7 @@ def metadata(art, form: str, extra: dict | None = None) -> dict[str, str]:
         "qexport.method": art.meta.get("method", {}).get("name", "unknown"),
         "qexport.method_params": json.dumps(art.meta.get("method", {}).get("params", {}), sort_keys=True),
         "qexport.artifact_sha256": art.sha256,
-        "qexport.model": art.meta.get("architecture", {}).get("model", ""),
+        "qexport.model": str(art.meta.get("architecture", {}).get("model", "")),
         "qexport.dataset": json.dumps(art.meta.get("dataset", {}), sort_keys=True),
         "qexport.seed": str(spec.get("seed", "")),
         "qexport.layers": json.dumps(art.meta.get("layers", {}), sort_keys=True),
