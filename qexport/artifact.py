@@ -27,7 +27,7 @@ from torch import nn
 from qadmm.codes import CodeSet
 from qadmm.errors import BadFile, UserError
 from qadmm.spec import LayerCodes
-from qadmm.zoo import NAMES, build_model
+from qadmm.zoo import NAMES, Normalize, build_model
 from qexport.fileio import atomic_path, read_header, read_safetensors
 from qexport.graph import Graph, GraphModel, evaluate
 from qexport.ops.base import OUTPUT
@@ -149,6 +149,9 @@ def model_from_meta(meta: dict[str, Any], where: str, state: dict[str, torch.Ten
         model = build()
         model.load_state_dict(state)
         model.eval()
+        bad_std = [n for n, m in model.named_modules() if isinstance(m, Normalize) and not (m.std > 0).all()]
+        if bad_std:  # a division by zero or a sign flip no preprocessing record could describe
+            raise BadFile(f"{where}: the input normalisation {bad_std[0]} has a std that is not positive; the file is corrupted")
         x = torch.zeros(1, *arch["input_shape"])
         if isinstance(model, GraphModel):  # every value's shape from running the graph, not from the file
             vals = evaluate(model.graph.ops, x)

@@ -71,9 +71,14 @@ def load_corrupted(path: Path, load, data):
 
 
 def verified(art, digits, tmp: Path) -> None:
-    """An accepted file must export and pass verification against onnxruntime."""
+    """An accepted file must export and pass verification against onnxruntime, and what `pack`
+    writes from it must be read back by `unpack` with the same codes."""
     import qexport
+    from qexport.pack.packfile import pack_artifact, write_packed
 
+    write_packed(pack_artifact(art), tmp / "fuzz.qpk")
+    back = read_packed(tmp / "fuzz.qpk").layer_codes()
+    assert all(torch.equal(back[n].q, art.layers[n].q) for n in art.layers)
     qexport.to_onnx(art, tmp / "fuzz.onnx", "weights")
     rep = qexport.verify(tmp / "fuzz.onnx", art, digits, max_samples=64)
     assert rep["passed"], rep

@@ -325,6 +325,14 @@ def test_bad_dataset_layouts(tmp_path, digits):
         from_arrays("a", x, np.eye(10)[y], digits.x_test, digits.y_test)
 
 
+def test_run_never_reshapes_channels_last_silently(made, tmp_path, digits):
+    np.save(tmp_path / "nhwc.npy", digits.x_test[:8].transpose(0, 2, 3, 1))
+    refused(["run", made / "m.onnx", "--input", tmp_path / "nhwc.npy", "-o", tmp_path / "p.npy"], "channels-last")
+    np.save(tmp_path / "flat.npy", digits.x_test[:8].reshape(8, -1))  # flat features are reshaped: that is exact
+    CliRunner().invoke(main, ["run", str(made / "m.onnx"), "--input", str(tmp_path / "flat.npy"), "-o", str(tmp_path / "p.npy")])
+    assert np.load(tmp_path / "p.npy").shape == (8, 10)
+
+
 def test_foreign_truncated_and_unrelated_onnx_files(made, tmp_path, digits):
     raw = (made / "m.onnx").read_bytes()
     (tmp_path / "cut.onnx").write_bytes(raw[: len(raw) // 3])

@@ -116,8 +116,12 @@ def fit_input(sess, x: np.ndarray) -> np.ndarray:
     dims = inp.shape[1:]
     x = np.ascontiguousarray(x, dtype=np.float32)
     if all(isinstance(d, int) for d in dims) and tuple(dims) != x.shape[1:]:
-        if int(np.prod(dims)) != int(np.prod(x.shape[1:])):
-            raise UserError(f"the graph expects samples of shape {tuple(dims)}, the data has {x.shape[1:]}")
+        # only flattening (or unflattening) is implied; (H, W, C) into (C, H, W) would be silently wrong
+        flat = len(dims) == 1 or x.ndim == 2
+        if int(np.prod(dims)) != int(np.prod(x.shape[1:])) or not flat:
+            hint = (" (channels-last? transpose to (N, C, H, W))" if len(dims) == 3 and x.ndim == 4
+                    and tuple(x.shape[1:]) == (*dims[1:], dims[0]) else "")
+            raise BadData(f"the graph expects samples of shape {tuple(dims)}, the data has {x.shape[1:]}{hint}")
         x = x.reshape(len(x), *dims)
     return x
 
