@@ -48,12 +48,28 @@ class Projector:
             out[n] = LayerCodes(f.q, f.alpha, self.codes[n])
         return out
 
+    def on_grid(self, layers: dict[str, LayerCodes], tol: float = 0.05) -> float:
+        """The share of the layers' current float weights within `tol` of a grid step (α; 2α for
+        binary codes ±1) of α·Q: how much of the final hard rounding was already done by training."""
+        return on_grid_fraction({n: self.modules[n].weight.detach() for n in layers}, layers, tol)
+
     def quantized_copy(self) -> tuple[nn.Module, dict[str, LayerCodes]]:
         layers = self()
         return apply_codes(copy.deepcopy(self.model), layers).eval(), layers
 
 
 Hook = Callable[[int], None]
+
+
+def on_grid_fraction(weights: dict[str, torch.Tensor], layers: dict[str, LayerCodes], tol: float = 0.05) -> float:
+    """Share of all entries of `weights` within `tol` grid steps of their codes' values α·Q."""
+    near = total = 0
+    for n, lc in layers.items():
+        a = lc.alpha.reshape(-1, *([1] * (lc.q.dim() - 1))) if lc.alpha.dim() == 1 else lc.alpha
+        step = a * (2.0 if lc.codes.scheme == "binary" else 1.0)
+        near += int(((weights[n].to(lc.alpha.device) - lc.weight()).abs() <= tol * step).sum())
+        total += lc.q.numel()
+    return near / max(total, 1)
 
 
 def finetune(
@@ -68,29 +84,41 @@ def finetune(
     desc: str,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     loss_extra: Callable[[], torch.Tensor] | None = None,
+    before_step: Hook | None = None,
     after_step: Hook | None = None,
     after_epoch: Hook | None = None,
+    extra: list[torch.Tensor] = (),
+    extra_lr: float | None = None,
 ) -> tuple[nn.Module, dict[str, LayerCodes], list[dict]]:
-    """Adam on cross-entropy (+ loss_extra) over `model`'s trainable parameters; after every epoch
-    the projected (α·Q) model is scored on validation and the best one is returned with its codes."""
+    """Adam on cross-entropy (+ loss_extra) over `model`'s trainable parameters and the method's
+    own `extra` tensors (at `extra_lr` when given); after every epoch the projected (α·Q) model is scored on validation and the
+    best one is returned with its codes. Each epoch's row records `on_grid`: the share of weights
+    already within 5% of a grid step of their code before that hard rounding (`on_grid_fraction`);
+    the last row names the selected epoch and its share."""
     gen = seed_everything(spec.seed)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if extra:
+        groups.append({"params": list(extra), "lr": extra_lr or lr})
+    opt = torch.optim.Adam(groups, lr=lr)
     x, y = (torch.as_tensor(a).to(device_of(model)) for a in (data.x_train, data.y_train))
     forward = forward or model
     best_model, best_layers = proj.quantized_copy()
     best = evaluate(best_model, data.x_val, data.y_val)
-    history = [{"epoch": 0, "val_acc": best[0], "val_loss": best[1]}]
+    history = [{"epoch": 0, "val_acc": best[0], "val_loss": best[1], "on_grid": proj.on_grid(best_layers)}]
+    best_epoch = 0
     bar = tqdm(range(1, epochs + 1), desc=desc, disable=not spec.progress, leave=False)
     for epoch in bar:
         model.train()
         train_epoch(forward, opt, x, y, batch_size, gen, loss_extra,
-                    None if after_step is None else lambda: after_step(epoch))
+                    None if after_step is None else lambda: after_step(epoch),
+                    None if before_step is None else lambda: before_step(epoch))
         if after_epoch is not None:
             after_epoch(epoch)
         qm, layers = proj.quantized_copy()
         val = evaluate(qm, data.x_val, data.y_val)
-        history.append({"epoch": epoch, "val_acc": val[0], "val_loss": val[1]})
-        bar.set_postfix(val=f"{val[0]:.2f}%")
+        history.append({"epoch": epoch, "val_acc": val[0], "val_loss": val[1], "on_grid": proj.on_grid(layers)})
+        bar.set_postfix(val=f"{val[0]:.2f}%", on_grid=f"{100 * history[-1]['on_grid']:.0f}%")
         if val[0] > best[0] or (val[0] == best[0] and val[1] < best[1]):
-            best, best_model, best_layers = val, qm, layers
+            best, best_model, best_layers, best_epoch = val, qm, layers, epoch
+    history.append({"selected_epoch": best_epoch, "on_grid_fraction": history[best_epoch]["on_grid"]})
     return best_model, best_layers, history

@@ -76,9 +76,10 @@ def check_loss(loss: torch.Tensor, what: str = "training") -> None:
 
 
 def train_epoch(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                gen: torch.Generator, loss_extra=None, after_step=None) -> float:
+                gen: torch.Generator, loss_extra=None, after_step=None, before_step=None) -> float:
     """One pass of minibatch `opt` on cross-entropy (+ `loss_extra()`); returns the mean task+extra loss.
-    `after_step()` runs after every optimiser step (e.g. a projection)."""
+    `before_step()` may rewrite the gradients (e.g. AskewSGD's direction rule); `after_step()` runs
+    after every optimiser step (e.g. a projection)."""
     ce = nn.CrossEntropyLoss()
     total = 0.0
     for idx in batches(len(x), batch_size, gen):
@@ -88,6 +89,8 @@ def train_epoch(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.T
             loss = loss + loss_extra()
         check_loss(loss)
         loss.backward()
+        if before_step is not None:
+            before_step()
         opt.step()
         total += loss.item() * len(idx)
         if after_step is not None:

@@ -9,7 +9,8 @@ from qadmm.spec import QuantSpec
 from qadmm.train import accuracy
 
 # Short runs: the contract does not depend on the length of training.
-FAST = {"ste": {"epochs": 3}, "admm-q": {"epochs": 3}, "proxquant": {"epochs": 3}, "lq": {}, "qnn-admm": {}}
+FAST = {"ste": {"epochs": 3}, "admm-q": {"epochs": 3}, "proxquant": {"epochs": 3}, "lq": {}, "qnn-admm": {},
+        "md-tanh": {"epochs": 3}, "md-softmax": {"epochs": 3}, "askewsgd": {"epochs": 3}}
 
 
 @pytest.mark.parametrize("name", list(methods.METHODS))
@@ -30,10 +31,11 @@ def test_method_contract(name, digits, digits_mlp):
     assert accuracy(res.model, digits.x_test, digits.y_test) > 60
 
 
-@pytest.mark.parametrize("name", ["ste", "admm-q", "proxquant"])
-def test_quantized_training_beats_ptq_at_one_bit(name, digits, digits_mlp):
+@pytest.mark.parametrize("name,params", [("ste", {}), ("admm-q", {}), ("proxquant", {}), ("md-tanh", {}), ("md-softmax", {}),
+                                         ("askewsgd", {}), ("admm-q", {"soft": 0.5}), ("admm-q", {"random": 0.3})])
+def test_quantized_training_beats_ptq_at_one_bit(name, params, digits, digits_mlp):
     ptq = methods.quantize("ptq", digits_mlp, digits, QuantSpec(bits=1, progress=False))
-    res = methods.quantize(name, digits_mlp, digits, QuantSpec(bits=1, progress=False))  # default schedule
+    res = methods.quantize(name, digits_mlp, digits, QuantSpec(bits=1, params=params, progress=False))  # default schedule
     a_ptq, a = accuracy(ptq.model, digits.x_test, digits.y_test), accuracy(res.model, digits.x_test, digits.y_test)
     assert a >= a_ptq + 2, (a_ptq, a)
 

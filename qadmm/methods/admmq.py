@@ -1,7 +1,12 @@
 """ADMM-Q (Huang et al., AISTATS 2021): whole-network ADMM with a float copy W, a quantized copy
 G = α·Q and a multiplier λ per quantized weight. The W-step is inexact: epochs of Adam on
 CE + ρ/2‖W − G + λ/ρ‖²; every `update_every` epochs G ← Π(W + λ/ρ) (alternating α/Q fit) and
-λ ← λ + ρ(W − G) (algorithms.md §1). ρ grows geometrically so W is driven onto the code set."""
+λ ← λ + ρ(W − G) (algorithms.md §1). ρ grows geometrically so W is driven onto the code set.
+
+The paper's two variants of the G-step: soft projection (ADMM-S, `soft` = β > 0) moves
+z = W + λ/ρ towards its projection by at most β (the norm over the whole layer), and random
+projection (ADMM-R, `random` = p in (0, 1]) re-projects each entry with probability p and leaves the
+others at their previous value. The final codes are the hard projection through `codes.fit`."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +16,7 @@ import torch
 from torch import nn
 
 from qadmm.data import Dataset
+from qadmm.errors import UserError
 from qadmm.finetune import Projector, finetune
 from qadmm.spec import QuantResult, QuantSpec
 
@@ -25,6 +31,25 @@ class Params:
     rho: float = 1e-3
     rho_growth: float = 2.0  # ρ ← ρ·growth at every G/λ update
     update_every: int = 1  # epochs between G/λ updates (the "inexact but long" W-step)
+    soft: float = 0.0  # ADMM-S: > 0 moves G at most this far (Euclidean, per layer) towards the projection
+    random: float = 0.0  # ADMM-R: in (0, 1], the share of entries re-projected at each G-step (0: all)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.random <= 1:
+            raise UserError(f"admm-q: random={self.random} is a probability: use a value in (0, 1] (0 turns it off)")
+
+
+def soft_step(z: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """z moved towards `target` by at most β in Euclidean norm (ADMM-S's soft projection)."""
+    gap = target - z
+    dist = float(gap.norm())
+    return target if dist <= beta else z + beta / dist * gap
+
+
+def random_step(old: torch.Tensor, new: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Each entry takes `new` with probability p, else keeps `old` (ADMM-R's random projection)."""
+    mask = torch.rand(old.shape, generator=gen, device="cpu").to(old.device) < p
+    return torch.where(mask, new, old)
 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
@@ -35,6 +60,7 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     G = {n: lc.weight() for n, lc in proj().items()}
     lam = {n: torch.zeros_like(w) for n, w in weights.items()}
     rho = [p.rho]
+    gen = torch.Generator().manual_seed(spec.seed + 11)  # ADMM-R's masks
 
     def penalty() -> torch.Tensor:  # ρ/2‖W − G + λ/ρ‖²
         return sum(rho[0] / 2 * ((w - G[n] + lam[n] / rho[0]) ** 2).sum() for n, w in weights.items())
@@ -45,7 +71,12 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
         with torch.no_grad():
             shifted = {n: w + lam[n] / rho[0] for n, w in weights.items()}
             for n, lc in proj(shifted).items():  # G-step: project W + λ/ρ
-                G[n] = lc.weight()
+                g = lc.weight()
+                if p.soft > 0:
+                    g = soft_step(shifted[n], g, p.soft)
+                if p.random > 0:
+                    g = random_step(G[n], g, p.random, gen)
+                G[n] = g
                 lam[n] += rho[0] * (weights[n] - G[n])  # dual step
         rho[0] *= p.rho_growth
 

@@ -206,6 +206,10 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     table = layer_table(m["history"])
     if table:
         click.echo(table)
+    grid = next((r for r in m["history"] if isinstance(r, dict) and "on_grid_fraction" in r), None)
+    if grid:
+        click.echo(f"  weights already on the grid before the final rounding: {100 * grid['on_grid_fraction']:.1f}% "
+                   f"(within 5% of a step; epoch {grid['selected_epoch']} selected on validation)")
     rc = m["recalibration"]
     if rc:
         done = [f"BatchNorm re-estimated ({rc['bn_layers']} layers)" if rc.get("bn_reestimate") else "",

@@ -1,0 +1,257 @@
+"""PyTorch's own int8 quantization as baselines beside qexport's methods (the thesis's DQ, SQ, QAT rows).
+
+For each dataset/model and seed, the float model and three int8 versions of it are scored on the
+same test split (CPU, quantized engine "x86" = fbgemm + oneDNN kernels):
+
+  dynamic  int8 weights of every nn.Linear, activations quantized on the fly per batch
+           (`torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`, eager mode).
+           Conv layers are untouched: on cnn-small/resnet20 only the Linear head becomes int8, and
+           the table says so ("[1/3 int8]"); a model without Linear layers shows "n/a".
+  static   post-training int8 weights (per channel) and activations (per tensor, HistogramObserver),
+           FX graph mode: `prepare_fx(model, get_default_qconfig_mapping("x86"), example)`, a pass
+           over `--calib-samples` training images (drawn by the seed), `convert_fx`. BatchNorm is
+           folded into the convs, ReLUs fused, ResNet's residual adds become quantized add(+ReLU); the
+           zoo's Normalize (x - mean) / std stays float in front of the first quantize.
+  qat      int8 quantization-aware fine-tuning from the same float model: `prepare_qat_fx(model,
+           get_default_qat_qconfig_mapping("x86"), example)` (fake-quant, Conv+BN fused with BN
+           still updating), `--qat-epochs` of Adam (`--qat-lr`, cosine to 0, batch `--qat-batch-size`,
+           no augmentation) on `--qat-samples` training examples (default all), then `convert_fx`.
+
+Why these APIs. torch 2.13 still ships eager mode (`torch.ao.quantization.quantize_dynamic`,
+`prepare`/`convert`) and FX graph mode (`torch.ao.quantization.quantize_fx`), but every entry point
+is decorated `@typing_extensions.deprecated` ("torch.ao.quantization is deprecated and will be
+removed in 2.10 ... migrate to torchao"; see `torch/ao/quantization/utils.py: DEPRECATION_WARNING`).
+The successors are not available here: PT2E (`torch.ao.quantization.quantize_pt2e`,
+`torch.ao.quantization.quantizer.X86InductorQuantizer`) has been removed from torch 2.13 (moved to
+torchao), and torchao is not installed. FX graph mode is used for static and QAT because it traces
+the zoo models unchanged (eager mode would need QuantStub/DeQuantStub and FloatFunctional for the
+residual adds, i.e. a rewritten ResNet). Every warning raised while quantizing is recorded (once per
+distinct text) in the printed summary and the JSON.
+
+Float models: the shipped checkpoints where there is one (digits/mlp-digits, fashion-mnist/cnn-small,
+fashion-mnist/resnet20; their data split is the checkpoint's, so the seed only changes calibration
+images and QAT batches), else the zoo model trained per seed by `qexport.workflow.float_model` with
+the CLI's defaults, exactly as benchmarks/thesis_table.py does (`--cache DIR` shares its cache).
+
+    OMP_NUM_THREADS=1 python benchmarks/torch_int8.py --data-dir ../shared/data \\
+        --datasets digits,seeds,pendigits --seeds 3 --qat-epochs 3 --json /tmp/torch_int8.json
+    OMP_NUM_THREADS=1 python benchmarks/torch_int8.py --datasets fashion-mnist:cnn-small,fashion-mnist:resnet20 \\
+        --seeds 1 --qat-epochs 1 --qat-samples 10000
+
+`--datasets` takes `name` (the dataset's default model) or `name:model`. The table shows test
+accuracy (%) as mean ± std over seeds and the wall seconds of each path (prepare + calibrate or
+train + convert; evaluation not included).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from qadmm.data import Dataset, load_dataset  # noqa: E402
+from qadmm.errors import UserError  # noqa: E402
+from qadmm.train import accuracy, seed_everything, train_epoch  # noqa: E402
+from qadmm.zoo import default_model  # noqa: E402
+from qexport.checkpoint import load_checkpoint  # noqa: E402
+from qexport.workflow import float_model  # noqa: E402
+
+ENGINE = "x86"
+PATHS = ("dynamic", "static", "qat")
+CHECKPOINTS = {("digits", "mlp-digits"): "models/digits-mlp.safetensors",
+               ("fashion-mnist", "cnn-small"): "models/fashion-cnn-small.safetensors",
+               ("fashion-mnist", "resnet20"): "models/fashion-resnet20.safetensors"}
+API = {"dynamic": "torch.ao.quantization.quantize_dynamic({nn.Linear}, qint8) [eager, deprecated]",
+       "static": "torch.ao.quantization.quantize_fx.prepare_fx/convert_fx + get_default_qconfig_mapping('x86') [FX, deprecated]",
+       "qat": "torch.ao.quantization.quantize_fx.prepare_qat_fx/convert_fx + get_default_qat_qconfig_mapping('x86') [FX, deprecated]"}
+
+
+@contextmanager
+def recorded_warnings(seen: dict[str, str]) -> Iterator[None]:
+    """Collect every warning raised inside, keyed by its text (so each distinct one is kept once)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = " ".join(str(w.message).split())
+        seen.setdefault(text, w.category.__name__)
+
+
+def weight_layers(model: nn.Module) -> int:
+    return sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
+
+
+def int8_layers(model: nn.Module) -> int:
+    """Quantized Linear/Conv modules (plain, fused with ReLU, or dynamic) in a converted model."""
+    names = [type(m).__name__ for m in model.modules() if ".quantized" in type(m).__module__]
+    return sum(("Linear" in n or "Conv" in n) and "PackedParams" not in n for n in names)
+
+
+def dynamic_int8(model: nn.Module, data: Dataset, seed: int, a: argparse.Namespace) -> nn.Module:
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def static_int8(model: nn.Module, data: Dataset, seed: int, a: argparse.Namespace, x: torch.Tensor | None = None) -> nn.Module:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    x = data.calibration(a.calib_samples, seed) if x is None else x
+    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(ENGINE), (x[:1],))
+    with torch.no_grad():
+        for i in range(0, len(x), 256):
+            prepared(x[i : i + 256])
+    return convert_fx(prepared)
+
+
+def qat_int8(model: nn.Module, data: Dataset, seed: int, a: argparse.Namespace) -> nn.Module:
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    gen = seed_everything(seed)
+    x = torch.as_tensor(data.x_train)
+    y = torch.as_tensor(data.y_train)
+    if a.qat_samples and a.qat_samples < len(x):
+        pick = torch.randperm(len(x), generator=gen)[: a.qat_samples]
+        x, y = x[pick], y[pick]
+    prepared = prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping(ENGINE), (x[:2],))
+    opt = torch.optim.Adam(prepared.parameters(), lr=a.qat_lr)
+    steps = a.qat_epochs * -(-len(x) // a.qat_batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    prepared.train()
+    for _ in range(a.qat_epochs):
+        train_epoch(prepared, opt, x, y, a.qat_batch_size, gen, after_step=sched.step)
+    return convert_fx(prepared.eval())
+
+
+QUANTIZERS: dict[str, Callable[..., nn.Module]] = {"dynamic": dynamic_int8, "static": static_int8, "qat": qat_int8}
+
+
+def get_float(ds: str, model_name: str, seed: int, a: argparse.Namespace) -> tuple[nn.Module, Dataset, str]:
+    """(float model in eval mode, its data split, where the model came from)."""
+    ckpt = CHECKPOINTS.get((ds, model_name))
+    if ckpt:
+        model, meta = load_checkpoint(ROOT / ckpt)
+        data = load_dataset(ds, a.data_dir, seed=int(meta.get("dataset", {}).get("seed", 0)))
+        return model.eval(), data, ckpt
+    data = load_dataset(ds, a.data_dir, seed=seed)
+    if a.cache:
+        from thesis_table import cached_float  # same recipe and cache keys as the thesis table
+
+        model, _ = cached_float(data, ds, model_name, seed, Path(a.cache), None)
+    else:
+        model, _, _ = float_model(data, model_name, None, seed, None, 3e-3, 32, 30, progress=False)
+    return model.eval(), data, f"trained (seed {seed})"
+
+
+def run_one(ds: str, model_name: str, seed: int, a: argparse.Namespace, seen: dict[str, str]) -> dict:
+    model, data, source = get_float(ds, model_name, seed, a)
+    row = {"dataset": ds, "model": model_name, "seed": seed, "source": source, "n_test": len(data.y_test),
+           "weight_layers": weight_layers(model), "float": accuracy(model, data.x_test, data.y_test)}
+    for path in a.paths:
+        t0 = time.time()
+        with recorded_warnings(seen):
+            qmodel = QUANTIZERS[path](model, data, seed, a)
+        seconds = time.time() - t0
+        n8 = int8_layers(qmodel)
+        t1 = time.time()
+        acc = accuracy(qmodel, data.x_test, data.y_test) if n8 else None
+        row[path] = {"acc": acc, "seconds": seconds, "int8_layers": n8, "eval_seconds": time.time() - t1}
+        print(f"  {ds}/{model_name} seed {seed} {path}: float {row['float']:.2f}%  int8 "
+              f"{'n/a' if acc is None else f'{acc:.2f}%'} ({n8}/{row['weight_layers']} layers int8, {seconds:.1f} s)",
+              file=sys.stderr, flush=True)
+    return row
+
+
+def fmt(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def cell(rows: list[dict], path: str) -> str:
+    rs = [r[path] for r in rows if path in r]
+    if not rs:
+        return "not run"
+    if rs[0]["acc"] is None:
+        return "n/a (no int8 layer)"
+    partial = "" if rs[0]["int8_layers"] == rows[0]["weight_layers"] else f" [{rs[0]['int8_layers']}/{rows[0]['weight_layers']} int8]"
+    return fmt([r["acc"] for r in rs]) + partial
+
+
+def print_table(runs: list[dict], a: argparse.Namespace) -> None:
+    print(f"\nTest accuracy (%) of PyTorch int8 paths, mean ± std over seeds; engine {ENGINE}, torch {torch.__version__}; "
+          f"calib {a.calib_samples}, QAT {a.qat_epochs} epoch(s) on {a.qat_samples or 'all'} samples, lr {a.qat_lr}")
+    print("| dataset | model | float model | seeds | float | dynamic int8 | static int8 | QAT int8 | s dynamic | s static | s QAT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for key in dict.fromkeys((r["dataset"], r["model"]) for r in runs):
+        rows = [r for r in runs if (r["dataset"], r["model"]) == key]
+        secs = [f"{statistics.mean(r[p]['seconds'] for r in rows):.1f}" if p in rows[0] else "-" for p in PATHS]
+        print(f"| {key[0]} | {key[1]} | {rows[0]['source'].split(' (')[0]} | {len(rows)} | {fmt([r['float'] for r in rows])} | "
+              + " | ".join(cell(rows, p) for p in PATHS) + " | " + " | ".join(secs) + " |")
+    print("[k/n int8]: only k of the model's n Linear/Conv layers are int8 (dynamic quantization leaves convs float).")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="digits,seeds,pendigits,mnist,fashion-mnist:cnn-small,fashion-mnist:resnet20",
+                    help="comma-separated name or name:model")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--paths", default=",".join(PATHS), help="subset of dynamic,static,qat")
+    ap.add_argument("--calib-samples", type=int, default=1024, help="training images for static calibration")
+    ap.add_argument("--qat-epochs", type=int, default=3)
+    ap.add_argument("--qat-samples", type=int, default=0, help="training examples for QAT (0: all)")
+    ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--qat-batch-size", type=int, default=64)
+    ap.add_argument("--cache", default=None, help="cache trained float models here (benchmarks/thesis_table.py's keys)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None, help="also write every run to this JSON file")
+    a = ap.parse_args()
+    a.paths = [p for p in a.paths.split(",") if p]
+    if bad := [p for p in a.paths if p not in PATHS]:
+        ap.error(f"unknown path(s) {bad}; use {','.join(PATHS)}")
+    torch.set_num_threads(a.threads)
+    torch.backends.quantized.engine = ENGINE
+    seen: dict[str, str] = {}
+    with recorded_warnings(seen):  # once, so that no path's seconds include the lazy imports of the first call
+        static_int8(nn.Sequential(nn.Linear(2, 2)), None, 0, a, x=torch.zeros(1, 2))
+    runs, skipped = [], []
+    for spec in a.datasets.split(","):
+        ds, _, model_name = spec.partition(":")
+        for seed in range(a.seeds):
+            try:
+                model_name = model_name or default_model(ds, load_dataset(ds, a.data_dir, seed=0).input_shape)
+                runs.append(run_one(ds, model_name, seed, a, seen))
+            except UserError as e:
+                print(f"skipping {spec}: {e}", file=sys.stderr)
+                skipped.append({"dataset": spec, "reason": str(e)})
+                break
+    print_table(runs, a)
+    for s in skipped:
+        print(f"skipped {s['dataset']}: {s['reason']}")
+    print("\nAPIs: " + "; ".join(f"{p}: {API[p]}" for p in a.paths))
+    print("Warnings raised while quantizing (each distinct text once):")
+    for text, cat in seen.items():
+        print(f"  {cat}: {text}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"torch": torch.__version__, "engine": ENGINE, "args": vars(a), "apis": API,
+                                            "warnings": [{"category": c, "text": t} for t, c in seen.items()],
+                                            "skipped": skipped, "runs": runs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

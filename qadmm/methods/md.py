@@ -1,0 +1,126 @@
+"""Mirror Descent for quantization (Ajanthan et al., AISTATS 2021), the numerically stable "-S"
+forms shared by `md-tanh` and `md-softmax` (algorithms.md §2).
+
+Each quantized layer keeps an unconstrained auxiliary tensor ũ in grid units; the forward pass uses
+W = α·P_β(ũ) and the gradient with respect to P_β(ũ) is applied to ũ directly (no tanh′ / softmax
+Jacobian: with it the method is GD-tanh, whose gradient vanishes as β grows). β grows
+geometrically from `beta0` to `beta_end` over the run's steps, so the projection ends hard whatever
+the run length (the paper's per-iteration schedule is for 100k iterations). Differences from the
+paper, chosen for a toolkit that warm-starts and exports integer codes:
+
+- Warm start: ũ starts where P_β0(ũ) reproduces the float weights (clamped into the code range), α
+  is the warm start's fitted scale (per tensor or per channel) and stays fixed while training.
+- Beyond binary: `tanh` is the staircase Σ_j Δ_j·σ_β(ũ − t_j) over the code set's levels (t_j the
+  midpoints, Δ_j the steps; binary gives tanh(βũ), ternary the paper's ½[tanh(β(ũ+½)) + tanh(β(ũ−½))]);
+  `softmax` is over all of the code set's levels per weight (the paper's code is binary only), which
+  costs one value per level per weight: 255 at 8 bits.
+- The final codes are the hard projection of α·P_β(ũ) through `codes.fit`, like every back-end.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from qadmm.data import Dataset
+from qadmm.errors import UserError
+from qadmm.finetune import Projector, finetune
+from qadmm.spec import QuantResult, QuantSpec
+
+
+@dataclass
+class Params:
+    epochs: int = 30
+    lr: float = 1e-3  # Adam on ũ (grid units) and on the float parameters
+    batch_size: int = 32
+    beta0: float = 1.0  # β at the first step
+    beta_end: float = 1e3  # β at the last step (the paper's runs end near 1e3-1e4)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.beta0 < self.beta_end:
+            raise UserError(f"md: need 0 < beta0 < beta_end, got beta0={self.beta0}, beta_end={self.beta_end}")
+
+
+def _levels(codes, device) -> torch.Tensor:
+    return torch.tensor(codes.levels, dtype=torch.float32, device=device)
+
+
+def staircase(u: torch.Tensor, levels: torch.Tensor, beta: float) -> torch.Tensor:
+    """P_β for `tanh`: l_0 + Σ_j (l_j − l_{j−1})·σ(β(u − t_j)), t_j = (l_j + l_{j−1})/2, with
+    σ(z) = (1 + tanh z)/2; it tends to rounding onto the levels as β → ∞."""
+    steps = levels[1:] - levels[:-1]
+    mids = (levels[1:] + levels[:-1]) / 2
+    return levels[0] + (steps * (1 + torch.tanh(beta * (u.unsqueeze(-1) - mids))) / 2).sum(-1)
+
+
+def softmax_weights(u: torch.Tensor, levels: torch.Tensor, beta: float) -> torch.Tensor:
+    """P_β for `softmax`: Σ_λ softmax(βũ)_λ·q_λ over the last axis (one ũ per level)."""
+    return (torch.softmax(beta * u, dim=-1) * levels).sum(-1)
+
+
+class Mirror:
+    """One layer's mirror map: the auxiliary ũ, its initialisation and P_β with the "-S" gradient."""
+
+    def __init__(self, kind: str, w: torch.Tensor, alpha: torch.Tensor, codes, beta0: float):
+        self.kind, self.levels = kind, _levels(codes, w.device)
+        self.alpha = alpha.reshape(-1, *([1] * (w.dim() - 1))) if alpha.dim() == 1 else alpha
+        x = (w.detach() / self.alpha).clamp(self.levels[0] + 0.01, self.levels[-1] - 0.01)
+        if kind == "tanh":  # P_β0(ũ) = x by bisection: the staircase is increasing in ũ
+            lo, hi = torch.full_like(x, float(self.levels[0]) - 50), torch.full_like(x, float(self.levels[-1]) + 50)
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                below = staircase(mid, self.levels, beta0) < x
+                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+            u = (lo + hi) / 2
+        else:  # mass on the levels nearest x: the argmax is x's nearest level, as rounding would pick
+            u = -((x.unsqueeze(-1) - self.levels) ** 2)
+        self.u = u.clone().requires_grad_(True)
+
+    def weight(self, beta: float) -> torch.Tensor:
+        """α·P_β(ũ) with ∂/∂ũ := ∂/∂P (tanh) or ∂/∂u = ∂/∂P·q_λ (softmax): the "-S" update."""
+        u = self.u
+        if self.kind == "tanh":
+            p = staircase(u.detach(), self.levels, beta) + (u - u.detach())
+        else:
+            s = torch.softmax(beta * u.detach(), dim=-1) + (u - u.detach())
+            p = (s * self.levels).sum(-1)
+        return self.alpha * p
+
+    @torch.no_grad()
+    def soft(self, beta: float) -> torch.Tensor:
+        f = staircase if self.kind == "tanh" else softmax_weights
+        return self.alpha * f(self.u, self.levels, beta)
+
+
+def run(kind: str, name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
+    p = spec.resolve(Params)
+    model = copy.deepcopy(model).to(spec.device)
+    proj = Projector(model, spec)
+    modules = dict(model.named_modules())
+    mirrors = {n: Mirror(kind, modules[n].weight, proj.alphas[n], proj.codes[n], p.beta0) for n in proj.names}
+    for n in proj.names:
+        modules[n].weight.requires_grad_(False)
+    steps = p.epochs * math.ceil(len(data.x_train) / p.batch_size)
+    beta = [p.beta0]
+    growth = (p.beta_end / p.beta0) ** (1 / max(steps - 1, 1))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        params = dict(model.named_parameters())
+        params.update({f"{n}.weight": m.weight(beta[0]) for n, m in mirrors.items()})
+        return functional_call(model, (params, dict(model.named_buffers())), (x,))
+
+    def after_step(epoch: int) -> None:  # β grows; the module weights follow α·P_β(ũ) for the projection
+        beta[0] = min(beta[0] * growth, p.beta_end)
+        for n, m in mirrors.items():
+            modules[n].weight.copy_(m.soft(beta[0]))
+
+    for n, m in mirrors.items():  # the warm start, as P_β0 reproduces it
+        modules[n].weight.copy_(m.soft(p.beta0))
+    qm, layers, history = finetune(model, data, spec, proj, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
+                                   desc=name, forward=forward, after_step=after_step,
+                                   extra=[m.u for m in mirrors.values()])
+    return QuantResult(qm, layers, name, {**asdict(p), "final_beta": beta[0]}, history)
