@@ -2,6 +2,15 @@
 
     python benchmarks/thesis_table.py --method ptq --datasets seeds,pendigits,mnist-10k \
         --bits 8,4,2,1 --scheme thesis --seeds 5 --data-dir ../shared/data
+    python benchmarks/thesis_table.py --method all --datasets digits --scheme ours --seeds 3 \
+        --epochs-budget 30 --int8-json torch_int8.json     # every back-end, one epoch budget
+    python benchmarks/thesis_table.py --method gptq,ldnq,md-tanh --datasets fashion-mnist \
+        --checkpoint models/fashion-cnn-small.safetensors --per-channel --bits 4,2 --seeds 1
+
+`--method all` runs every registered back-end from the same float model per (dataset, seed);
+`--epochs-budget N` gives every back-end that trains in epochs (ste, admm-q, proxquant, md-*,
+askewsgd) the same N epochs; `--checkpoint` uses a shipped float model instead of training one;
+`--int8-json` adds the rows of benchmarks/torch_int8.py's JSON (PyTorch's own int8 paths).
 
 Float models are trained once per (dataset, seed) and cached under --cache. The thesis columns come
 from ../shared/reference/thesis_tables.json (Xue Ma 2023, Tables 6.3-6.7); the thesis's MNIST row used
@@ -10,11 +19,13 @@ all 60k training images, our `mnist-10k` only the official 10k test images split
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,9 +65,30 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):6.2f} ± {sd:5.2f}"
 
 
+def on_grid(rs: list[dict]) -> str:
+    """Mean share of weights already on the grid before the final rounding (training-based methods)."""
+    vals = [r["on_grid"] for r in rs if r.get("on_grid") is not None]
+    return f"{100 * statistics.mean(vals):.0f}%" if vals else "-"
+
+
+def print_int8(int8: Any, datasets: list[str]) -> None:
+    """PyTorch's int8 rows (benchmarks/torch_int8.py --json) for the same datasets."""
+    rows = int8.get("runs", int8) if isinstance(int8, dict) else int8
+    print("\nPyTorch int8 (benchmarks/torch_int8.py), test %, mean ± std over seeds")
+    print("| dataset | model | float | dynamic | static | qat |\n|---|---|---|---|---|---|")
+    for ds in datasets:
+        for model in sorted({r.get("model") for r in rows if r.get("dataset") == ds}):
+            rs = [r for r in rows if r.get("dataset") == ds and r.get("model") == model]
+            cells = [fmt([r[k] for r in rs if isinstance(r.get(k), (int, float))]) for k in ("float", "dynamic", "static", "qat")]
+            print(f"| {ds} | {model} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="ptq", help="comma-separated registered methods")
+    ap.add_argument("--method", default="ptq", help="comma-separated registered methods, or all")
+    ap.add_argument("--checkpoint", default=None, help="a qexport float checkpoint to start from (instead of training)")
+    ap.add_argument("--epochs-budget", type=int, default=None, help="epochs for every back-end that trains in epochs")
+    ap.add_argument("--int8-json", default=None, help="benchmarks/torch_int8.py --json output to print beside")
     ap.add_argument("--datasets", default="seeds,pendigits,mnist-10k")
     ap.add_argument("--model", default=None, help="zoo model (default: the dataset's thesis topology)")
     ap.add_argument("--bits", default="8,4,2,1")
@@ -79,34 +111,41 @@ def main() -> None:
         except json.JSONDecodeError:
             params[k] = v
     thesis = json.loads(THESIS_JSON.read_text())["tables"] if THESIS_JSON.is_file() else {}
+    method_names = list(methods.METHODS) if args.method == "all" else args.method.split(",")
     bits_list = [int(b) for b in args.bits.split(",")]
     runs = []
     for ds in args.datasets.split(","):
         for seed in range(args.seeds):
             data = load_data(ds, args.data_dir, seed, None)
-            model, info = cached_float(data, ds, args.model, seed, Path(args.cache), args.epochs)
+            if args.checkpoint:
+                model, _ = load_checkpoint(args.checkpoint)
+            else:
+                model, info = cached_float(data, ds, args.model, seed, Path(args.cache), args.epochs)
             facc = accuracy(model, data.x_test, data.y_test)
-            for method in args.method.split(","):
+            for method in method_names:
+                trains = "epochs" in {f.name for f in dataclasses.fields(methods.get_method(method).Params)}
+                mparams = {**({"epochs": args.epochs_budget} if trains and args.epochs_budget else {}), **params}
                 for bits in bits_list:
                     scheme = "thesis" if args.scheme == "thesis" else None
                     spec = QuantSpec(bits=bits, scheme=scheme, per_channel=args.per_channel, seed=seed,
-                                     params=params, progress=False)
+                                     params=mparams, progress=False)
                     t0 = time.time()
                     res = methods.quantize(method, model, data, spec)
                     sec = time.time() - t0
                     qacc = accuracy(res.model, data.x_test, data.y_test)
+                    grid = next((r["on_grid_fraction"] for r in res.history if "on_grid_fraction" in r), None)
                     runs.append({"dataset": ds, "seed": seed, "method": method, "bits": bits, "scheme": spec.codes.scheme,
-                                 "float": facc, "acc": qacc, "seconds": sec})
+                                 "float": facc, "acc": qacc, "seconds": sec, "on_grid": grid})
                     print(f"  {ds} seed {seed} {method} {spec.codes.describe()}: float {facc:.2f}%  quantized {qacc:.2f}%  ({sec:.1f} s)",
                           file=sys.stderr, flush=True)
     print(f"\nTest accuracy (%), mean ± std over {args.seeds} seed(s); scheme {args.scheme}"
           f"{', per-channel' if args.per_channel else ''}; params {params or 'defaults'}")
-    head = f"| dataset | bits | method | float (ours) | ours | thesis same method | thesis best (method) | s/run |"
+    head = "| dataset | bits | method | float (ours) | ours | thesis same method | thesis best (method) | on grid | s/run |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for ds in args.datasets.split(","):
         tab = thesis.get(THESIS_DATASET.get(ds, ""), {})
-        for method in args.method.split(","):
+        for method in method_names:
             for bits in bits_list:
                 rs = [r for r in runs if r["dataset"] == ds and r["method"] == method and r["bits"] == bits]
                 if not rs:
@@ -118,7 +157,9 @@ def main() -> None:
                 print(f"| {ds} | {rs[0]['scheme']} {bits} | {method} | {fmt([r['float'] for r in rs])} | {fmt([r['acc'] for r in rs])} | "
                       f"{f'{same[0]:.2f} ± {same[1]:.2f}' if same else '-'} | "
                       f"{f'{best[1][0]:.2f} ± {best[1][1]:.2f} ({best[0]})' if best else '-'} | "
-                      f"{statistics.mean(r['seconds'] for r in rs):.1f} |")
+                      f"{on_grid(rs)} | {statistics.mean(r['seconds'] for r in rs):.1f} |")
+    if args.int8_json:
+        print_int8(json.loads(Path(args.int8_json).read_text()), args.datasets.split(","))
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
 

@@ -13,9 +13,10 @@ same test split (CPU, quantized engine "x86" = fbgemm + oneDNN kernels):
            folded into the convs, ReLUs fused, ResNet's residual adds become quantized add(+ReLU); the
            zoo's Normalize (x - mean) / std stays float in front of the first quantize.
   qat      int8 quantization-aware fine-tuning from the same float model: `prepare_qat_fx(model,
-           get_default_qat_qconfig_mapping("x86"), example)` (fake-quant, Conv+BN fused with BN
-           still updating), `--qat-epochs` of Adam (`--qat-lr`, cosine to 0, batch `--qat-batch-size`,
-           no augmentation) on `--qat-samples` training examples (default all), then `convert_fx`.
+           get_default_qat_qconfig_mapping("x86"), example)` (fake-quant weights and activations,
+           Conv+BN fused; BN statistics frozen at the float model's unless `--qat-update-bn`), then
+           `--qat-epochs` of Adam (`--qat-lr`, cosine to 0, batch `--qat-batch-size`, no augmentation)
+           on `--qat-samples` training examples drawn by the seed (default all), then `convert_fx`.
 
 Why these APIs. torch 2.13 still ships eager mode (`torch.ao.quantization.quantize_dynamic`,
 `prepare`/`convert`) and FX graph mode (`torch.ao.quantization.quantize_fx`), but every entry point
@@ -129,6 +130,8 @@ def qat_int8(model: nn.Module, data: Dataset, seed: int, a: argparse.Namespace) 
         pick = torch.randperm(len(x), generator=gen)[: a.qat_samples]
         x, y = x[pick], y[pick]
     prepared = prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping(ENGINE), (x[:2],))
+    if not a.qat_update_bn:  # fold the float model's BatchNorm statistics, as static does (ConvBn* QAT modules)
+        prepared.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
     opt = torch.optim.Adam(prepared.parameters(), lr=a.qat_lr)
     steps = a.qat_epochs * -(-len(x) // a.qat_batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -194,12 +197,13 @@ def cell(rows: list[dict], path: str) -> str:
 
 def print_table(runs: list[dict], a: argparse.Namespace) -> None:
     print(f"\nTest accuracy (%) of PyTorch int8 paths, mean ± std over seeds; engine {ENGINE}, torch {torch.__version__}; "
-          f"calib {a.calib_samples}, QAT {a.qat_epochs} epoch(s) on {a.qat_samples or 'all'} samples, lr {a.qat_lr}")
+          f"calib {a.calib_samples}, QAT {a.qat_epochs} epoch(s) on {a.qat_samples or 'all'} samples, Adam lr {a.qat_lr}, "
+          f"BN {'updated' if a.qat_update_bn else 'frozen'}")
     print("| dataset | model | float model | seeds | float | dynamic int8 | static int8 | QAT int8 | s dynamic | s static | s QAT |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in dict.fromkeys((r["dataset"], r["model"]) for r in runs):
         rows = [r for r in runs if (r["dataset"], r["model"]) == key]
-        secs = [f"{statistics.mean(r[p]['seconds'] for r in rows):.1f}" if p in rows[0] else "-" for p in PATHS]
+        secs = [f"{statistics.mean(r[p]['seconds'] for r in rows):.2f}" if p in rows[0] else "-" for p in PATHS]
         print(f"| {key[0]} | {key[1]} | {rows[0]['source'].split(' (')[0]} | {len(rows)} | {fmt([r['float'] for r in rows])} | "
               + " | ".join(cell(rows, p) for p in PATHS) + " | " + " | ".join(secs) + " |")
     print("[k/n int8]: only k of the model's n Linear/Conv layers are int8 (dynamic quantization leaves convs float).")
@@ -217,6 +221,7 @@ def main() -> None:
     ap.add_argument("--qat-samples", type=int, default=0, help="training examples for QAT (0: all)")
     ap.add_argument("--qat-lr", type=float, default=1e-4)
     ap.add_argument("--qat-batch-size", type=int, default=64)
+    ap.add_argument("--qat-update-bn", action="store_true", help="let QAT update BatchNorm statistics (default: frozen)")
     ap.add_argument("--cache", default=None, help="cache trained float models here (benchmarks/thesis_table.py's keys)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write every run to this JSON file")

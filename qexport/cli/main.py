@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -16,6 +17,8 @@ Examples:
   qexport quantize --data seeds --data-dir ../shared/data --bits 2 --scheme thesis
   qexport quantize --checkpoint models/digits-mlp.safetensors --bits 1 -o digits-1b.qx.safetensors
   qexport quantize --data mnist-10k --method ptq --bits 8 --per-channel
+  qexport quantize --checkpoint models/digits-mlp.safetensors --method md-tanh --bits 1
+  qexport quantize --checkpoint models/digits-mlp.safetensors --method admm-q --bits 1 --param random=0.3
   qexport quantize --checkpoint models/fashion-cnn-small.safetensors --data fashion-mnist \
       --method gptq --bits 4 --per-channel          # calibration only: 2,048 images, seconds
   qexport quantize --checkpoint models/fashion-resnet20.safetensors --data fashion-mnist \
@@ -125,7 +128,8 @@ def layer_table(history: list) -> str:
               help="Float weights: a qexport checkpoint, or a state_dict for --model package.module:factory. "
                    "Without it the float model is trained first.")
 @click.option("--method", default="lq", show_default=True,
-              help="Back-end: lq, gptq, ldnq, ptq, ste, admm-q, proxquant, qnn-admm (see --list-methods).")
+              help="Back-end: lq, gptq, ldnq, ptq, ste, admm-q, proxquant, md-tanh, md-softmax, askewsgd, qnn-admm "
+                   "(see --list-methods).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight code (1-8).")
 @click.option("--scheme", type=click.Choice(["binary", "symmetric", "thesis"]), default=None,
               help="Code set: binary {-1,+1} (1 bit), symmetric ±(2^(N-1)-1) (default for N>=2), thesis ±(2^N-1).")
@@ -170,7 +174,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
         for name in methods.METHODS:
             mod = methods.get_method(name)
             fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(mod.Params))
-            summary = " ".join((mod.__doc__ or "").split("\n\n")[0].split()).split(". ")[0]
+            summary = re.split(r"\.\s+(?=[A-Z])", " ".join((mod.__doc__ or "").split("\n\n")[0].split()))[0]
             click.echo(f"{name:10s} {summary}\n{'':10s} {fields}")
         return
     lbits = parse_layer_bits(layer_bits)
