@@ -3,11 +3,13 @@
 For each dataset/model and seed, the float model and three int8 versions of it are scored on the
 same test split (CPU, quantized engine "x86" = fbgemm + oneDNN kernels):
 
-  dynamic  int8 weights of every nn.Linear, activations quantized on the fly per batch
+  dynamic  int8 weights (per tensor) of every nn.Linear, activations quantized on the fly with a
+           scale from each input batch (evaluation batches are 1,024 rows, `qadmm.train.accuracy`)
            (`torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`, eager mode).
            Conv layers are untouched: on cnn-small/resnet20 only the Linear head becomes int8, and
            the table says so ("[1/3 int8]"); a model without Linear layers shows "n/a".
-  static   post-training int8 weights (per channel) and activations (per tensor, HistogramObserver),
+  static   post-training int8 weights (per channel) and activations (per tensor, HistogramObserver with
+           the x86 default reduce_range=True, i.e. uint8 codes 0..127),
            FX graph mode: `prepare_fx(model, get_default_qconfig_mapping("x86"), example)`, a pass
            over `--calib-samples` training images (drawn by the seed), `convert_fx`. BatchNorm is
            folded into the convs, ReLUs fused, ResNet's residual adds become quantized add(+ReLU); the
@@ -76,8 +78,10 @@ CHECKPOINTS = {("digits", "mlp-digits"): "models/digits-mlp.safetensors",
                ("fashion-mnist", "cnn-small"): "models/fashion-cnn-small.safetensors",
                ("fashion-mnist", "resnet20"): "models/fashion-resnet20.safetensors"}
 API = {"dynamic": "torch.ao.quantization.quantize_dynamic({nn.Linear}, qint8) [eager, deprecated]",
-       "static": "torch.ao.quantization.quantize_fx.prepare_fx/convert_fx + get_default_qconfig_mapping('x86') [FX, deprecated]",
-       "qat": "torch.ao.quantization.quantize_fx.prepare_qat_fx/convert_fx + get_default_qat_qconfig_mapping('x86') [FX, deprecated]"}
+       "static": "torch.ao.quantization.quantize_fx.prepare_fx/convert_fx + get_default_qconfig_mapping('x86') "
+                 "[FX, deprecated]",
+       "qat": "torch.ao.quantization.quantize_fx.prepare_qat_fx/convert_fx + get_default_qat_qconfig_mapping('x86') "
+              "[FX, deprecated]"}
 
 
 @contextmanager
@@ -107,7 +111,8 @@ def dynamic_int8(model: nn.Module, data: Dataset, seed: int, a: argparse.Namespa
     return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
-def static_int8(model: nn.Module, data: Dataset, seed: int, a: argparse.Namespace, x: torch.Tensor | None = None) -> nn.Module:
+def static_int8(model: nn.Module, data: Dataset | None, seed: int, a: argparse.Namespace,
+                x: torch.Tensor | None = None) -> nn.Module:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -164,7 +169,8 @@ def get_float(ds: str, model_name: str, seed: int, a: argparse.Namespace) -> tup
 def run_one(ds: str, model_name: str, seed: int, a: argparse.Namespace, seen: dict[str, str]) -> dict:
     model, data, source = get_float(ds, model_name, seed, a)
     row = {"dataset": ds, "model": model_name, "seed": seed, "source": source, "n_test": len(data.y_test),
-           "weight_layers": weight_layers(model), "float": accuracy(model, data.x_test, data.y_test)}
+           "weight_layers": weight_layers(model), "float": accuracy(model, data.x_test, data.y_test),
+           "seconds": {}, "eval_seconds": {}, "int8_layers": {}}  # + one test accuracy (or None) per path
     for path in a.paths:
         t0 = time.time()
         with recorded_warnings(seen):
@@ -173,7 +179,8 @@ def run_one(ds: str, model_name: str, seed: int, a: argparse.Namespace, seen: di
         n8 = int8_layers(qmodel)
         t1 = time.time()
         acc = accuracy(qmodel, data.x_test, data.y_test) if n8 else None
-        row[path] = {"acc": acc, "seconds": seconds, "int8_layers": n8, "eval_seconds": time.time() - t1}
+        row[path] = acc
+        row["seconds"][path], row["eval_seconds"][path], row["int8_layers"][path] = seconds, time.time() - t1, n8
         print(f"  {ds}/{model_name} seed {seed} {path}: float {row['float']:.2f}%  int8 "
               f"{'n/a' if acc is None else f'{acc:.2f}%'} ({n8}/{row['weight_layers']} layers int8, {seconds:.1f} s)",
               file=sys.stderr, flush=True)
@@ -186,26 +193,27 @@ def fmt(values: list[float]) -> str:
 
 
 def cell(rows: list[dict], path: str) -> str:
-    rs = [r[path] for r in rows if path in r]
-    if not rs:
+    if path not in rows[0]:
         return "not run"
-    if rs[0]["acc"] is None:
+    if rows[0][path] is None:
         return "n/a (no int8 layer)"
-    partial = "" if rs[0]["int8_layers"] == rows[0]["weight_layers"] else f" [{rs[0]['int8_layers']}/{rows[0]['weight_layers']} int8]"
-    return fmt([r["acc"] for r in rs]) + partial
+    k, n = rows[0]["int8_layers"][path], rows[0]["weight_layers"]
+    return fmt([r[path] for r in rows]) + ("" if k == n else f" [{k}/{n} int8]")
 
 
 def print_table(runs: list[dict], a: argparse.Namespace) -> None:
     print(f"\nTest accuracy (%) of PyTorch int8 paths, mean ± std over seeds; engine {ENGINE}, torch {torch.__version__}; "
-          f"calib {a.calib_samples}, QAT {a.qat_epochs} epoch(s) on {a.qat_samples or 'all'} samples, Adam lr {a.qat_lr}, "
-          f"BN {'updated' if a.qat_update_bn else 'frozen'}")
-    print("| dataset | model | float model | seeds | float | dynamic int8 | static int8 | QAT int8 | s dynamic | s static | s QAT |")
+          f"calib {a.calib_samples}, QAT {a.qat_epochs} epoch(s) on {a.qat_samples or 'all'} samples, "
+          f"Adam lr {a.qat_lr}, BN {'updated' if a.qat_update_bn else 'frozen'}")
+    print("| dataset | model | float model | seeds | float | dynamic int8 | static int8 | QAT int8 "
+          "| s dynamic | s static | s QAT |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in dict.fromkeys((r["dataset"], r["model"]) for r in runs):
         rows = [r for r in runs if (r["dataset"], r["model"]) == key]
-        secs = [f"{statistics.mean(r[p]['seconds'] for r in rows):.2f}" if p in rows[0] else "-" for p in PATHS]
-        print(f"| {key[0]} | {key[1]} | {rows[0]['source'].split(' (')[0]} | {len(rows)} | {fmt([r['float'] for r in rows])} | "
-              + " | ".join(cell(rows, p) for p in PATHS) + " | " + " | ".join(secs) + " |")
+        secs = [f"{statistics.mean(r['seconds'][p] for r in rows):.2f}" if p in rows[0] else "-" for p in PATHS]
+        cells = [*key, rows[0]["source"].split(" (")[0], str(len(rows)), fmt([r["float"] for r in rows]),
+                 *(cell(rows, p) for p in PATHS), *secs]
+        print("| " + " | ".join(cells) + " |")
     print("[k/n int8]: only k of the model's n Linear/Conv layers are int8 (dynamic quantization leaves convs float).")
 
 

@@ -22,6 +22,7 @@ from qadmm.train import TrainConfig, accuracy, seed_everything, train_epochs
 
 # Short runs: these tests check which code set each layer gets, not how well a method trains.
 FAST = {"gptq": {}, "ldnq": {}, "ptq": {}, "ste": {"epochs": 1}, "admm-q": {"epochs": 1}, "proxquant": {"epochs": 1},
+        "md-tanh": {"epochs": 1}, "md-softmax": {"epochs": 1}, "askewsgd": {"epochs": 1},
         "lq": {"iters": 1, "inner_epochs": 0.1, "retrain_epochs": 0, "min_steps": 1}, "qnn-admm": {"iterations": 2}}
 MLP_LAYERS = ["body.1", "body.3", "body.5"]  # mlp-digits: Flatten, Linear, ReLU, Linear, ReLU, Linear
 
