@@ -138,6 +138,8 @@ def main() -> None:
                                  "float": facc, "acc": qacc, "seconds": sec, "on_grid": grid})
                     print(f"  {ds} seed {seed} {method} {spec.codes.describe()}: float {facc:.2f}%  quantized {qacc:.2f}%  ({sec:.1f} s)",
                           file=sys.stderr, flush=True)
+                    if args.json:  # after every run, so a long sweep cut short keeps what it measured
+                        Path(args.json).write_text(json.dumps(runs, indent=1))
     print(f"\nTest accuracy (%), mean ± std over {args.seeds} seed(s); scheme {args.scheme}"
           f"{', per-channel' if args.per_channel else ''}; params {params or 'defaults'}")
     head = "| dataset | bits | method | float (ours) | ours | thesis same method | thesis best (method) | on grid | s/run |"
@@ -160,8 +162,6 @@ def main() -> None:
                       f"{on_grid(rs)} | {statistics.mean(r['seconds'] for r in rs):.1f} |")
     if args.int8_json:
         print_int8(json.loads(Path(args.int8_json).read_text()), args.datasets.split(","))
-    if args.json:
-        Path(args.json).write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":
