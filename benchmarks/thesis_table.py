@@ -9,7 +9,7 @@
 
 `--method all` runs every registered back-end from the same float model per (dataset, seed);
 `--epochs-budget N` gives every back-end that trains in epochs (ste, admm-q, proxquant, md-*,
-askewsgd) the same N epochs; `--checkpoint` uses a shipped float model instead of training one;
+askewsgd) the same N epochs and `lq` the same N passes over the training set (`budget_epochs`); `--checkpoint` uses a shipped float model instead of training one;
 `--int8-json` adds the rows of benchmarks/torch_int8.py's JSON (PyTorch's own int8 paths).
 
 Float models are trained once per (dataset, seed) and cached under --cache. The thesis columns come
@@ -123,8 +123,9 @@ def main() -> None:
                 model, info = cached_float(data, ds, args.model, seed, Path(args.cache), args.epochs)
             facc = accuracy(model, data.x_test, data.y_test)
             for method in method_names:
-                trains = "epochs" in {f.name for f in dataclasses.fields(methods.get_method(method).Params)}
-                mparams = {**({"epochs": args.epochs_budget} if trains and args.epochs_budget else {}), **params}
+                fields = {f.name for f in dataclasses.fields(methods.get_method(method).Params)}
+                budget = {k: args.epochs_budget for k in ("epochs", "budget_epochs") if k in fields and args.epochs_budget}
+                mparams = {**budget, **params}
                 for bits in bits_list:
                     scheme = "thesis" if args.scheme == "thesis" else None
                     spec = QuantSpec(bits=bits, scheme=scheme, per_channel=args.per_channel, seed=seed,
