@@ -29,6 +29,17 @@ def test_md_tanh_annealing_drives_the_weights_onto_the_grid(bits, scheme):
         assert torch.allclose(staircase(u, lv, 3.0), torch.tanh(3.0 * u), atol=1e-6)  # the paper's tanh(βũ)
 
 
+@pytest.mark.parametrize("bits,scheme", [(1, "binary"), (2, "symmetric"), (8, "symmetric"), (3, "thesis")])
+def test_md_staircase_window_is_the_full_sum(bits, scheme):
+    """Evaluating only the steps near u gives the full Σ_j over every level step, at every β."""
+    lv = levels(bits, scheme)
+    u = torch.empty(3000).uniform_(float(lv[0]) - 2, float(lv[-1]) + 2, generator=torch.Generator().manual_seed(6))
+    for beta in (0.3, 1.0, 7.0, 100.0, 1e4):
+        steps, mids = lv[1:] - lv[:-1], (lv[1:] + lv[:-1]) / 2
+        full = lv[0] + (steps * (1 + torch.tanh(beta * (u[:, None] - mids))) / 2).sum(-1)
+        assert torch.allclose(staircase(u, lv, beta), full, atol=1e-4 * max(1, len(lv) / 16)), beta
+
+
 def test_md_softmax_annealing_picks_the_argmax_level():
     lv = levels(2, "symmetric")
     u = torch.randn(500, 3, generator=torch.Generator().manual_seed(1))
