@@ -69,7 +69,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
-def _read_bytes(path: PathLike) -> bytes:
+def read_bytes(path: PathLike) -> bytes:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}" if not path.exists() else f"{path} is not a file")
@@ -105,13 +105,13 @@ def _parse_header(raw: bytes, path: PathLike) -> tuple[dict[str, Any], int]:
 def read_header(path: PathLike) -> dict[str, str]:
     """The safetensors string metadata, with clear errors for missing, foreign and truncated files
     (read by Python, so any path the OS accepts works)."""
-    header, _ = _parse_header(_read_bytes(path), path)
+    header, _ = _parse_header(read_bytes(path), path)
     return dict(header.get("__metadata__", {}))
 
 
 def read_safetensors(path: PathLike, numpy: bool = False) -> tuple[dict[str, str], dict[str, Any]]:
     """(string metadata, tensors) of a safetensors file: torch tensors, or numpy arrays."""
-    raw = _read_bytes(path)
+    raw = read_bytes(path)
     header, _ = _parse_header(raw, path)
     try:
         if numpy:

@@ -43,6 +43,13 @@ def refused(args: list[str], message: str, code: int = 2) -> str:
     return lines[0]
 
 
+def user_factory(folder: Path) -> str:
+    """A user's factory file (the digits MLP's architecture, written as user code): its --model value."""
+    (folder / "zoo_like.py").write_text("from qadmm.zoo import build_model\nimport numpy as np\n"
+                                        "def make():\n    return build_model('mlp-digits', (1, 8, 8), 10, np.zeros((1, 1, 1)), np.ones((1, 1, 1)))\n")
+    return f"{folder}/zoo_like.py:make"
+
+
 def files(folder: Path) -> dict[str, str]:
     return {p.name: digest(p) for p in folder.iterdir() if p.is_file()}
 
@@ -276,9 +283,8 @@ def test_nan_weights_in_checkpoints_are_refused(made, tmp_path, digits_mlp):
     state = {k: v.clone() for k, v in digits_mlp.state_dict().items()}
     state["body.3.bias"][1] = float("inf")
     torch.save(state, tmp_path / "inf.pt")
-    (tmp_path / "zoo_like.py").write_text("from qadmm.zoo import build_model\nimport numpy as np\n"
-                                          "def make():\n    return build_model('mlp-digits', (1, 8, 8), 10, np.zeros((1, 1, 1)), np.ones((1, 1, 1)))\n")
-    refused(["quantize", "--model", f"{tmp_path}/zoo_like.py:make", "--checkpoint", tmp_path / "inf.pt", "--method", "ptq",
+    factory = user_factory(tmp_path)
+    refused(["quantize", "--model", factory, "--checkpoint", tmp_path / "inf.pt", "--method", "ptq",
              "-q", "-o", tmp_path / "o"], "NaN or infinite")
     assert not (tmp_path / "o").exists()
 
@@ -367,9 +373,8 @@ def test_user_code_that_fails(tmp_path, digits_mlp):
     # a state_dict whose keys do not fit: the message names the keys, in full
     state = {f"encoder.{k}": v for k, v in digits_mlp.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
-    (tmp_path / "zoo_like.py").write_text("from qadmm.zoo import build_model\nimport numpy as np\n"
-                                          "def make():\n    return build_model('mlp-digits', (1, 8, 8), 10, np.zeros((1, 1, 1)), np.ones((1, 1, 1)))\n")
-    line = refused(["quantize", "--model", f"{tmp_path}/zoo_like.py:make", "--checkpoint", tmp_path / "w.safetensors", "-q",
+    factory = user_factory(tmp_path)
+    line = refused(["quantize", "--model", factory, "--checkpoint", tmp_path / "w.safetensors", "-q",
                     "-o", tmp_path / "o"], "does not fit the model")
     assert "missing body.1.bias" in line and "unexpected encoder.body.1.bias" in line
     assert not (tmp_path / "o").exists()
@@ -416,9 +421,8 @@ def test_an_unwritable_output_is_named_by_its_path(tmp_path, monkeypatch):
 
 def test_a_pickled_checkpoint_is_refused_without_unsafe_advice(tmp_path, digits_mlp):
     torch.save({"state": digits_mlp.state_dict(), "opt": torch.optim.SGD(digits_mlp.parameters(), lr=0.1)}, tmp_path / "c.pt")
-    (tmp_path / "zoo_like.py").write_text("from qadmm.zoo import build_model\nimport numpy as np\n"
-                                          "def make():\n    return build_model('mlp-digits', (1, 8, 8), 10, np.zeros((1, 1, 1)), np.ones((1, 1, 1)))\n")
-    line = refused(["quantize", "--model", f"{tmp_path}/zoo_like.py:make", "--checkpoint", tmp_path / "c.pt", "-q",
+    factory = user_factory(tmp_path)
+    line = refused(["quantize", "--model", factory, "--checkpoint", tmp_path / "c.pt", "-q",
                     "-o", tmp_path / "o"], "pickled objects")
     assert "weights_only=False" not in line
 

@@ -59,9 +59,9 @@ def load_onnx(path: str | Path):
     and an output, weights inside the file); a BadFile for anything else. Nothing it names runs."""
     import onnx
 
-    from qexport.fileio import _read_bytes
+    from qexport.fileio import read_bytes
 
-    raw = _read_bytes(path)
+    raw = read_bytes(path)
     try:
         model = onnx.load_model_from_string(raw)
     except Exception as e:  # protobuf's DecodeError and friends
