@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--bits", default="8,4,2,1")
     ap.add_argument("--scheme", default="thesis", choices=["thesis", "ours"], help="ours = binary at 1 bit, symmetric otherwise")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1 (to extend a sweep)")
     ap.add_argument("--per-channel", action="store_true")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
@@ -115,7 +116,7 @@ def main() -> None:
     bits_list = [int(b) for b in args.bits.split(",")]
     runs = []
     for ds in args.datasets.split(","):
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             data = load_data(ds, args.data_dir, seed, None)
             if args.checkpoint:
                 model, _ = load_checkpoint(args.checkpoint)

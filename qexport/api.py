@@ -143,9 +143,10 @@ def load(path: str | Path) -> Artifact:
 
 def to_onnx(art: Artifact, path: str | Path | None = None, form: str = "qdq", calib_data: Any = None,
             opset: int | None = None, calibration: str = "minmax", percentile: float = 99.99,
-            calib_batches: int = 8, calib_batch_size: int = 64, progress: bool = False):
+            calib_batches: int = 8, calib_batch_size: int = 64, progress: bool = False, dequant: str = "cast"):
     """The ONNX ModelProto of `art` in `form` (weights | qdq | qoperator), written to `path` when
-    given. Integer forms calibrate activation ranges on `calib_data`'s training split."""
+    given. Integer forms calibrate activation ranges on `calib_data`'s training split; `dequant`
+    (weights form): `cast` (fp32 speed in onnxruntime's defaults) or `dequantizelinear`."""
     import onnx
 
     from qexport.fileio import atomic_path, check_output_path
@@ -163,7 +164,7 @@ def to_onnx(art: Artifact, path: str | Path | None = None, form: str = "qdq", ca
         data = as_dataset(calib_data)
         x_calib = data.x_train
         cfg = CalibConfig(calibration, percentile, calib_batches, calib_batch_size, data.info.get("seed", 0))
-    model = export_onnx(art, form, x_calib, cfg, progress=progress, opset=opset)
+    model = export_onnx(art, form, x_calib, cfg, progress=progress, opset=opset, dequant=dequant)
     if path is not None:
         with atomic_path(path) as tmp:
             onnx.save(model, str(tmp))

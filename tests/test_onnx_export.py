@@ -119,7 +119,8 @@ def test_codes_and_scales_in_file_are_the_artifacts(artifacts, exported, model, 
             assert codes.dtype == expected_type, (name, codes.dtype)
             np.testing.assert_array_equal(codes.astype(np.int64), q)
             assert t[f"{name}.alpha"].dtype == np.float32
-            np.testing.assert_array_equal(t[f"{name}.alpha"], lc.alpha.numpy())  # bit-for-bit α
+            # bit-for-bit α, stored (C, 1, ...) so Mul broadcasts it over the output channels
+            np.testing.assert_array_equal(t[f"{name}.alpha"].reshape(lc.alpha.shape), lc.alpha.numpy())
             continue
         assert codes.dtype == np.int8
         assert not t[f"{name}.w_zero_point"].any()

@@ -10,7 +10,7 @@ import numpy as np
 from qadmm.errors import UserError
 
 from qexport.cli.options import SEED, Finite, data_file
-from qexport.onnx.export import FORMS
+from qexport.onnx.export import DEQUANT, FORMS
 
 
 def _dataset(art, data_name, data_dir, seed):
@@ -56,9 +56,13 @@ def _data_opts(f):
 @click.option("--opset", type=click.IntRange(13, 25), default=None,
               help="ONNX opset to write (default: the lowest the graph needs). Below 25, 2-bit codes are stored as "
                    "INT4; below 21, as INT8 (older onnxruntime reads them; the file is larger).")
+@click.option("--dequant", type=click.Choice(DEQUANT), default="cast", show_default=True,
+              help="weights form: how codes become float weights. cast: Cast·α, folded by onnxruntime at load "
+                   "(fp32 speed with default settings). dequantizelinear: DequantizeLinear nodes, for runtimes that "
+                   "want them (onnxruntime needs session.disable_quant_qdq=1 to be fast and exact).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, percentile, calib_batches, calib_batch_size,
-            opset, quiet):
+            opset, dequant, quiet):
     """Export an artifact to ONNX (normalisation inside, dynamic batch, provenance in metadata).
 
     \b
@@ -81,9 +85,20 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
 
         check_int8(art)  # before loading data
         data = _dataset(art, data_name, data_dir, seed)
-    api.to_onnx(art, out, form, data, opset, calibration, percentile, calib_batches, calib_batch_size, progress=not quiet)
+    if dequant != "cast" and form != "weights":
+        raise UserError(f"--dequant applies to --form weights only (form {form} runs integer kernels)")
+    api.to_onnx(art, out, form, data, opset, calibration, percentile, calib_batches, calib_batch_size,
+                progress=not quiet, dequant=dequant)
     click.echo(f"wrote {out} ({out.stat().st_size} bytes, form {form}, {art.bits_summary}); "
                f"check it with: qexport verify {out} --artifact {artifact}")
+    from qexport.onnx.runner import SATURATION_SAFE_CODE
+
+    top = max((int(lc.q.abs().max()) for lc in art.layers.values()), default=0)
+    if form != "weights" and top > SATURATION_SAFE_CODE:
+        click.echo(f"note: codes reach ±{top}; on x86 CPUs without VNNI onnxruntime computes them exactly only with "
+                   f"session.x64quantprecision=1, about half the int8 speed (`qexport run`/`verify` set it there). "
+                   f"`qexport quantize --bits 7` keeps codes within ±63: exact at full speed everywhere "
+                   f"(onnxruntime's reduce_range)")
 
 
 @click.command()
@@ -98,9 +113,10 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
 def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report, rel_tol, step_tol, min_agreement):
     """Check onnxruntime against the exact PyTorch reference of the artifact; exit 1 on failure.
 
-    Runs onnxruntime with graph optimisations off and all on (and, for weights, with plain
-    default session settings, reported but not judged), and names the first layer where the
-    outputs part.
+    Runs onnxruntime with graph optimisations off and all on (with the session settings
+    `qexport run` adds, printed; none for most files), and names the first layer where the
+    outputs part. A file that needs a setting is also run with plain defaults (reported, not
+    judged).
 
     \b
     Examples:
@@ -145,7 +161,7 @@ def format_report(rep: dict) -> str:
         err = f"max {r['max_steps']:g} steps, mean {r['mean_steps']:.4f}" if "max_steps" in r else f"rel {r['rel_error']:.2e}, max |Δ| {r['max_abs']:.3g}"
         verdict = "PASS" if r["passed"] else ("not judged" if key == "ort_defaults" or r.get("judged") is False else "FAIL")
         a = f"{r['accuracy']:.2f}%" if r["accuracy"] is not None else "-"
-        cfg = " ".join(f"{k}={v}" for k, v in r["session_config"].items())
+        cfg = " ".join(f"{k}={v}" for k, v in r["session_config"].items()) or ("default session settings" if r["level"] == "all" else "")
         lines.append(f"  {key:18s} {verdict:10s} acc {a:8s} agree {r['top1_agreement']:.2f}%  {err}" + (f"  [{cfg}]" if cfg else ""))
         fd = r.get("first_divergence")
         if fd and fd.get("layer"):
@@ -172,7 +188,10 @@ def format_report(rep: dict) -> str:
 @click.option("--threads", type=click.IntRange(0), default=2, show_default=True, help="onnxruntime intra-op threads (0 = its default).")
 @click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
 @click.option("--ort-defaults", is_flag=True, help="Do not add the session settings that keep qexport graphs exact.")
-def run(model_path, data_name, data_dir, seed, input_path, output, batch_size, repeats, threads, opt_level, ort_defaults):
+@click.option("--profile", "top", type=click.IntRange(0), default=0, metavar="N",
+              help="Also profile one batch and print the N slowest nodes (as onnxruntime runs them, after its "
+                   "fusions) and the time per operator type.")
+def run(model_path, data_name, data_dir, seed, input_path, output, batch_size, repeats, threads, opt_level, ort_defaults, top):
     """Run any ONNX classifier: accuracy and latency on a dataset, or predictions for an array.
 
     \b
@@ -180,12 +199,15 @@ def run(model_path, data_name, data_dir, seed, input_path, output, batch_size, r
       qexport run digits-4b.onnx --data digits
       qexport run model.qdq.onnx --data mnist-10k --data-dir ../shared/data --batch-size 1 --repeats 200
       qexport run model.onnx --input samples.npy -o logits.npy
+      qexport run model.qoperator.onnx --data fashion-mnist --batch-size 1 --profile 10
     """
     from qexport.onnx import runner
     from qexport.fileio import atomic_path, check_output_path
 
     if bool(data_name) == bool(input_path):
         raise UserError("give exactly one of --data (accuracy and latency) or --input x.npy (predictions)")
+    if top and not data_name:
+        raise UserError("--profile times a batch of --data; give --data")
     if output and not input_path:
         raise UserError("-o/--output writes predictions for --input; with --data nothing is written")
     out = Path(output or Path(input_path).with_suffix(".pred.npy")) if input_path else None
@@ -214,3 +236,21 @@ def run(model_path, data_name, data_dir, seed, input_path, output, batch_size, r
     click.echo(f"{model_path} on {data.name} test ({len(data.y_test)} samples): accuracy {acc:.2f}%")
     click.echo(f"latency batch {lat.batch_size}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms "
                f"({lat.runs} runs, {threads or 'default'} threads, opt {opt_level}, session config: {cfg})")
+    if top:
+        click.echo(format_profile(runner.profile(proto.SerializeToString(), data.x_test, batch_size, opt_level, config,
+                                                 threads, repeats), top))
+
+
+def format_profile(rows, top: int) -> str:
+    """The `top` slowest nodes and the kernel time per operator type, from `runner.profile`."""
+    total = sum(r.median_us for r in rows)
+    lines = [f"profile: {len(rows)} nodes, {total:.1f} µs of kernels per run (medians; onnxruntime's profiler, its "
+             f"overhead included); slowest nodes:"]
+    lines += [f"  {r.median_us:9.1f} µs {100 * r.share:5.1f}%  {r.op_type:22s} {r.node}" for r in rows[:top]]
+    by_type: dict[str, list] = {}
+    for r in rows:
+        by_type.setdefault(r.op_type, []).append(r.median_us)
+    lines.append("by operator type:")
+    lines += [f"  {sum(v):9.1f} µs {100 * sum(v) / (total or 1):5.1f}%  {t} x{len(v)}"
+              for t, v in sorted(by_type.items(), key=lambda kv: -sum(kv[1]))]
+    return "\n".join(lines)

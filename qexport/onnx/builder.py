@@ -121,6 +121,7 @@ class Builder:
     names: set = field(default_factory=set)
     needed: dict = field(default_factory=lambda: {MIN_OPSET: "QuantizeLinear/DequantizeLinear per channel"})
     uses_ms: bool = False
+    dequant: str = "cast"  # how float compute gets its weights from the codes: see `float_weight`
 
     def init(self, name: str, arr: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -155,17 +156,33 @@ def narrowest_type(b: Builder, lc: LayerCodes) -> tuple[str, type]:
     raise UserError(f"{lc.codes.describe()} codes need INT16 weights, which need opset 21: use --opset 21 or higher")
 
 
+# How the float compute of the `weights` form (and float islands) gets its weights from the codes.
+# `cast`: Cast(codes -> float) · α. onnxruntime constant-folds both nodes at load under its default
+# settings, so the file keeps N bits per weight and runs at fp32 speed; α·Q is one fp32 product,
+# what the reference computes. `dequantizelinear`: the same values through DequantizeLinear, which
+# onnxruntime keeps by default for its QDQ fusions (dequantizing every weight on every run, and
+# fusing DQ(INT4/INT8) -> MatMul into kernels that quantize activations); it needs
+# session.disable_quant_qdq=1 to fold (see `runner.faithful_config`). Choices: `export.DEQUANT`.
+
+
 def float_weight(ctx: Ctx, op: Op) -> str:
-    """A linear/conv weight for float compute: the codes (narrowest int type) -> DequantizeLinear(α,
-    axis 0) named `<layer>.weight` when quantized, else the float weight itself."""
+    """A linear/conv weight for float compute named `<layer>.weight`: the codes (narrowest int
+    type) dequantized with α per tensor or per output channel, else the float weight itself."""
+    from onnx import TensorProto
+
     b, lc = ctx.b, ctx.layers.get(op.name)
     if lc is None:
         return b.init(f"{op.name}.weight", op.module.weight.detach().numpy().astype(np.float32))
     _, dtype = narrowest_type(b, lc)
     codes = b.init(f"{op.name}.codes", lc.q.numpy().astype(dtype))
-    alpha = b.init(f"{op.name}.alpha", lc.alpha.numpy().astype(np.float32))
-    attrs = {"axis": 0} if lc.per_channel else {}
-    return b.node("DequantizeLinear", [codes, alpha], f"{op.name}.weight", **attrs)
+    alpha = lc.alpha.numpy().astype(np.float32)
+    if b.dequant == "dequantizelinear":
+        attrs = {"axis": 0} if lc.per_channel else {}
+        return b.node("DequantizeLinear", [codes, b.init(f"{op.name}.alpha", alpha)], f"{op.name}.weight", **attrs)
+    if lc.per_channel:  # (C,) -> (C, 1, ...) to broadcast over axis 0
+        alpha = alpha.reshape(-1, *([1] * (lc.q.ndim - 1)))
+    as_float = b.node("Cast", [codes], f"{op.name}.codes_float", to=TensorProto.FLOAT)
+    return b.node("Mul", [as_float, b.init(f"{op.name}.alpha", alpha)], f"{op.name}.weight")
 
 
 def float_bias(ctx: Ctx, op: Op) -> list[str]:

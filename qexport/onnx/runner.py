@@ -15,23 +15,31 @@ import numpy as np
 from qadmm.errors import BadData, BadFile, UserError
 
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-# What keeps qexport's graphs faithful to the reference (see docs/onnx.md): without it, ORT ≥ 1.20
-# fuses DequantizeLinear(INT4) -> MatMul into MatMulNBits, which quantizes activations to int8.
+# What keeps qexport's graphs faithful to the reference and fast (see docs/onnx.md). A `weights`
+# file written with DequantizeLinear (`--dequant dequantizelinear`): by default ORT ≥ 1.20 keeps
+# every DQ node (dequantizing all weights on every run) and fuses DQ(INT4/INT8) -> MatMul into
+# kernels that quantize activations; `session.disable_quant_qdq=1` folds the DQ nodes into fp32
+# weights at load instead. The default Cast · α files need nothing.
 # On x86 without VNNI the u8·s8 kernels add pairs of products in int16 with saturation
 # (VPMADDUBSW): int8 weights above ±64 can overflow. `session.x64quantprecision=1` (applied with
-# all optimisations) converts the weights to u8 with zero point 128, computed exactly.
+# all optimisations) converts the weights to u8 with zero point 128, computed exactly, at about
+# half the int8 speed; codes within ±63 (`--bits 7`, onnxruntime's reduce_range) never overflow
+# (2·255·64 < 2^15) and need nothing.
 SATURATION_SAFE_CODE = 64
 
 
-def faithful_config(model) -> dict[str, str]:
+def faithful_config(model, vnni: bool | None | str = "this cpu") -> dict[str, str]:
     """Session config entries that make onnxruntime compute what the qexport reference computes,
-    read from the graph's metadata (empty for graphs qexport did not write)."""
+    fast, on a CPU with `vnni` (default: this one; None = not x86), read from the graph (empty
+    for graphs qexport did not write, and for most qexport files)."""
     meta = {p.key: p.value for p in model.metadata_props}
     form = meta.get("qexport.form")
+    vnni = cpu_has_vnni() if vnni == "this cpu" else vnni
     if form == "weights":
-        return {"session.qdq_matmulnbits_accuracy_level": "1"}
-    if form in ("qdq", "qoperator") and max_code(model) > SATURATION_SAFE_CODE:
-        return {"session.x64quantprecision": "1"}
+        has_dq = any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+        return {"session.disable_quant_qdq": "1"} if has_dq else {}
+    if form in ("qdq", "qoperator") and vnni is False and max_code(model) > SATURATION_SAFE_CODE:
+        return {"session.x64quantprecision": "1"}  # costs about half the int8 speed: 7-bit codes avoid it
     return {}
 
 
@@ -171,6 +179,42 @@ def latency(sess, x: np.ndarray, batch_size: int, repeats: int = 50, warmup: int
         sess.run(None, {name: xb})
         times.append((time.perf_counter() - t0) * 1000)
     return Latency(bs, float(np.median(times)), float(np.percentile(times, 90)), repeats)
+
+
+@dataclass
+class NodeTime:
+    """One graph node's kernel time in onnxruntime's profile, per run."""
+
+    node: str
+    op_type: str
+    median_us: float  # over the runs
+    share: float  # of all node kernel time (sum of medians)
+
+
+def profile(model: bytes, x: np.ndarray, batch_size: int, level: str = "all", config: dict[str, str] | None = None,
+            threads: int = 0, repeats: int = 50) -> list[NodeTime]:
+    """Per-node kernel times of `repeats` runs of one batch under onnxruntime's profiler (the nodes
+    as onnxruntime runs them, after its fusions), slowest first. Profiling adds its own overhead:
+    time with `latency`, find where the time goes with this."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="qexport-profile-") as tmp:
+        sess = make_session(model, level, config, threads, profile_prefix=str(Path(tmp) / "ort"))
+        latency(sess, x, batch_size, repeats, warmup=5)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    durs: dict[str, list[float]] = {}
+    kind: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        durs.setdefault(name, []).append(float(e["dur"]))
+        kind[name] = e.get("args", {}).get("op_name", "?")
+    med = {n: float(np.median(d)) for n, d in durs.items()}  # the median: one preempted run is not the node's cost
+    whole = sum(med.values()) or 1.0
+    return sorted((NodeTime(n, kind[n], t, t / whole) for n, t in med.items()), key=lambda r: -r.median_us)
 
 
 def load_input_array(path: str) -> np.ndarray:

@@ -115,6 +115,8 @@ def check_initializers(model, art, ops: list[Op], qp: dict[str, QParams] | None,
             want = {"codes": il.q, "w_scale": il.w_scale, "bias_int32": il.bias}
         for key, w in want.items():
             got = arr(f"{op.name}.{key}")
+            if key == "alpha" and got is not None and got.size == w.size:
+                got = got.reshape(w.shape)  # stored (C, 1, ...) to broadcast in Mul
             if got is None or got.shape != w.shape or not np.array_equal(got.astype(np.float64), w.astype(np.float64)):
                 bad.append(f"{op.name}.{key}")
     return bad
@@ -124,12 +126,14 @@ def check_initializers(model, art, ops: list[Op], qp: dict[str, QParams] | None,
 # Running onnxruntime and comparing.
 
 def _settings(form: str, model) -> dict[str, tuple[str, dict[str, str]]]:
-    """Session settings verified: optimisations off, all on (with what keeps `weights` faithful),
-    and for `weights` the plain defaults (reported, not judged)."""
+    """Session settings verified: optimisations off, all on (with what keeps the file faithful,
+    none for a `weights` file written with Cast · α), and for a `weights` file that needs a
+    setting, the plain defaults (reported, not judged)."""
     from qexport.onnx.runner import faithful_config  # noqa: I001
 
-    out = {"optimizations_off": ("disable", {}), "optimizations_all": ("all", faithful_config(model))}
-    if form == "weights":
+    config = faithful_config(model)
+    out = {"optimizations_off": ("disable", {}), "optimizations_all": ("all", config)}
+    if form == "weights" and config:
         out["ort_defaults"] = ("all", {})
     return out
 

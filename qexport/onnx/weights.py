@@ -4,7 +4,9 @@ Each quantized layer's codes are an initializer of the narrowest ONNX integer ty
 them and the opset allows (INT2 for binary/ternary, INT4 up to ±7, INT8 up to ±127, INT16 for the
 thesis scheme's ±255), followed by DequantizeLinear with α (per tensor, or per output channel on
 axis 0) and the float Gemm/Conv. INT4/INT2 initializers are bit-packed in the file, so its size
-follows the bit width.
+follows the bit width. The codes become float weights through Cast · α (default: onnxruntime folds
+them at load, fp32 speed under default settings) or DequantizeLinear (`dequant`, see
+`builder.float_weight`).
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ def emit_float_op(ctx: Ctx, op: Op, ins: list[str], out: str) -> str:
     return y
 
 
-def export_weights(art, ops: list[Op], opset: int | None = None):
+def export_weights(art, ops: list[Op], opset: int | None = None, dequant: str = "cast"):
     """The `weights` form ModelProto of a loaded artifact and its fused ops."""
-    ctx = Ctx(Builder(opset), art.layers, shapes=art.graph.shapes)
+    ctx = Ctx(Builder(opset, dequant=dequant), art.layers, shapes=art.graph.shapes)
     for op in ops:
         emit_float_op(ctx, op, op.inputs, op.out)
     types = {name: narrowest_type(ctx.b, lc)[0] for name, lc in art.layers.items()}
-    return finish(ctx.b, art.graph.input_shape, art.graph.shapes["logits"], metadata(art, "weights", {"weight_types": types}))
+    return finish(ctx.b, art.graph.input_shape, art.graph.shapes["logits"], metadata(art, "weights", {"weight_types": types, "dequant": dequant}))
