@@ -4,7 +4,8 @@ with. The `weights` form must leave no dequantization to do at run time under on
 slow x64 setting on CPUs without VNNI; `run --profile` says where the time goes."""
 from __future__ import annotations
 
-import numpy as np
+from collections import Counter
+
 import onnx
 import onnxruntime as ort
 import pytest
@@ -45,7 +46,7 @@ def cnn_artifacts(tmp_path_factory, digits, digits_cnn):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_weights_form_is_folded_under_default_settings_and_exact(cnn_artifacts, digits, tmp_path, bits):
+def test_weights_form_is_folded_under_default_settings_and_exact(cnn_artifacts, digits, digits_cnn, tmp_path, bits):
     from qexport import api
     from qexport.onnx.runner import faithful_config
     from qexport.onnx.verify import verify
@@ -54,7 +55,11 @@ def test_weights_form_is_folded_under_default_settings_and_exact(cnn_artifacts, 
     path = tmp_path / "w.onnx"
     model = api.to_onnx(art, path, "weights")
     assert faithful_config(model) == {}  # nothing for the user to set
-    assert not reads_codes(optimized(model, tmp_path)), "onnxruntime left dequantization for run time"
+    ran = optimized(model, tmp_path)
+    assert not reads_codes(ran), "onnxruntime left dequantization for run time"
+    # what runs is the fp32 model's graph, node for node (BatchNorm folded into Conv, fused ReLU)
+    fp32 = api.to_onnx(api.quantize(digits_cnn, digits, "ptq", bits, exclude=["*"]), None, "weights")
+    assert Counter(n.op_type for n in ran.graph.node) == Counter(n.op_type for n in optimized(fp32, tmp_path).graph.node)
     # the file keeps N bits per weight: codes stored as INT2/INT4/INT8, no float copy of the weights
     types = {t.name: t.data_type for t in model.graph.initializer if t.name.endswith(".codes")}
     want = {2: onnx.TensorProto.INT2, 4: onnx.TensorProto.INT4, 8: onnx.TensorProto.INT8}[bits]
