@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -134,3 +135,38 @@ def test_run_profile_names_the_slowest_nodes(cnn_artifacts, digits, tmp_path):
     assert any("QLinearConv" in s for s in lines[head:])  # the integer kernels are what it runs
     assert "by operator type:" in out
     run_cli(["run", str(path), "--input", str(path), "--profile", "3"], code=2)
+
+
+@pytest.mark.parametrize("form", ["qdq", "qoperator"])
+def test_normalisation_folds_into_the_input_quantization_exactly(digits, digits_mlp, tmp_path, form):
+    """One mean and std for every pixel: QuantizeLinear(x, s·std, zp - k) replaces Sub, Div and
+    QuantizeLinear, bit for bit what the reference computes; per-feature statistics keep them."""
+    from qexport import api
+
+    art = api.quantize(digits_mlp, digits, "ptq", 8, per_channel=True)
+    model = api.to_onnx(art, tmp_path / "f.onnx", form, digits)
+    types = [n.op_type for n in model.graph.node]
+    assert "Sub" not in types and "Div" not in types
+    first = next(n for n in model.graph.node if "input" in n.input)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    scale, zp = inits[first.input[1]], int(inits[first.input[2]])
+    s, z = inits["normalize.scale"], int(inits["normalize.zero_point"])
+    mean, std = float(digits.mean.ravel()[0]), float(digits.std.ravel()[0])
+    assert scale == np.float32(s * np.float32(std))  # S = s·std
+    k = mean / float(scale)
+    assert abs(k - round(k)) < 1e-3 and zp == z - round(k)  # mean/S whole: the shift is exact
+    rep = api.verify(tmp_path / "f.onnx", art, digits, max_samples=300)
+    assert rep["passed"] and rep["runs"]["optimizations_all"]["max_steps"] == 0  # integer kernels: bit for bit
+
+    # per-pixel statistics (a user's `normalize=(mean, std)` arrays) keep Sub and Div in float
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    mean = digits.x_train.mean(0).astype(np.float32)
+    std = digits.x_train.std(0).astype(np.float32) + 1.0
+    art2 = api.quantize(plain, digits, "ptq", 8, normalize=(mean, std))
+    m2 = api.to_onnx(art2, tmp_path / "g.onnx", form, digits)
+    assert {"Sub", "Div"} <= {n.op_type for n in m2.graph.node}
+    assert api.verify(tmp_path / "g.onnx", art2, digits, max_samples=300)["passed"]

@@ -193,7 +193,11 @@ def test_graph_contract(exported, artifacts):
         assert meta["qexport.artifact_sha256"] == art.sha256 and meta["qexport.method"] == "ptq"
         assert meta["qexport.version"]
         types = {n.op_type for n in m.graph.node}
-        assert {"Sub", "Div"} <= types  # normalisation is inside the graph
+        if form == "weights":
+            assert {"Sub", "Div"} <= types  # normalisation is inside the graph
+        else:  # one mean/std for all pixels: folded into the input's QuantizeLinear (test_deployment)
+            first = next(n for n in m.graph.node if "input" in n.input)
+            assert first.op_type == "QuantizeLinear" and first.input[1].endswith(".input_scale") and not {"Sub", "Div"} & types
         if form == "qoperator":
             assert "QuantizeLinear" in types and ("QLinearConv" in types or "QGemm" in types)
         sess = make_session(str(path), "all")

@@ -40,10 +40,15 @@ def flip_one_code(a):
 
 
 def drop_normalisation(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with Sub(mean)/Div(std) bypassed: raw features go straight in."""
+    """The same graph with Sub(mean)/Div(std) bypassed: raw features go straight in (where the
+    normalisation is folded into the input's QuantizeLinear: raw features quantized as if normalised)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    div = next(n for n in m.graph.node if n.op_type == "Div")
+    div = next((n for n in m.graph.node if n.op_type == "Div"), None)
+    if div is None:
+        q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+        q.input[1:] = [q.input[1].replace(".input_scale", ".scale"), q.input[2].replace(".input_zero_point", ".zero_point")]
+        return m
     keep = [n for n in m.graph.node if n.op_type not in ("Sub", "Div")]
     for n in keep:
         n.input[:] = ["input" if i == div.output[0] else i for i in n.input]

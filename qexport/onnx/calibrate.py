@@ -90,5 +90,5 @@ def calibrate(ops: list[Op], x_train: np.ndarray, cfg: CalibConfig, progress: bo
             out[op.out] = out[op.inputs[0]]
         else:
             lo_v = 0.0 if op.relu or KINDS[op.kind].nonnegative else agg_lo(lo[op.out])
-            out[op.out] = qparams_from_range(lo_v, agg_hi(hi[op.out]))
+            out[op.out] = KINDS[op.kind].calibrated(op, qparams_from_range(lo_v, agg_hi(hi[op.out])), lo_v)
     return out

@@ -44,8 +44,15 @@ def start_integer_graph(art, ops: list[Op], qp: dict, opset: int | None) -> Ctx:
 
 
 def float_island(ctx: Ctx, op: Op) -> None:
-    """DequantizeLinear inputs -> float op -> QuantizeLinear; the normalisation reads the raw input."""
+    """DequantizeLinear inputs -> float op -> QuantizeLinear; the normalisation reads the raw input
+    (in one QuantizeLinear of it, where the kind can fold itself into that: `input_qparams`)."""
     kind = KINDS[op.kind]
+    raw = kind.input_qparams(op, ctx.qp[op.out]) if kind.float_input else None
+    if raw is not None:
+        b, v = ctx.b, qname(op.out)
+        ctx.qpi(op.out)  # the value's own parameters, which its readers use (and `verify` reads)
+        b.node("QuantizeLinear", [INPUT, b.init(f"{v}.input_scale", raw.scale), b.init(f"{v}.input_zero_point", raw.zero_point)], v)
+        return
     ins = op.inputs if kind.float_input else [ctx.qpi.dq(i) for i in op.inputs]
     y = emit_float_op(ctx, op, ins, f"{op.out}.float")
     ctx.b.node("QuantizeLinear", [y, *ctx.qpi(op.out)], qname(op.out))

@@ -57,6 +57,9 @@ def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tenso
     for op in ops:
         kind = KINDS[op.kind]
         y = None if kind.float_input else kind.integer(ctx, op, [q[i] for i in op.inputs])
+        raw = kind.input_qparams(op, qp[op.out]) if kind.float_input else None
+        if raw is not None:  # folded into the input's QuantizeLinear
+            y = to_uint8(x, raw)
         if y is None:  # float island: DQ -> float op -> Q
             xs = [x] if kind.float_input else [from_uint8(q[i], qp[i]) for i in op.inputs]
             y = to_uint8(apply_op(op, xs), qp[op.out])

@@ -114,6 +114,17 @@ class Kind:
         """onnxruntime's integer arithmetic on uint8 inputs (as int64); None: float island."""
         return None
 
+    # -- kinds that read the raw float input (`float_input`) ------------------------------------
+    def calibrated(self, op: Op, p: Any, lo: float) -> Any:
+        """The uint8 parameters (QParams) of this op's value, given the calibrated ones and the
+        value's calibrated minimum: a kind may adjust them (see `input_qparams`)."""
+        return p
+
+    def input_qparams(self, op: Op, p: Any) -> Any:
+        """QParams with which one QuantizeLinear of the raw input gives this op's uint8 value
+        under `p`, replacing the float op; None: the op runs in float before the quantization."""
+        return None
+
 
 def pair(v: Any, n: int = 2) -> list[int]:
     return [int(v)] * n if isinstance(v, int) else [int(a) for a in v]
