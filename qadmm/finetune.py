@@ -7,6 +7,7 @@ and the model selection (best quantized model on validation) are common.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,7 +59,14 @@ class Projector:
         return apply_codes(copy.deepcopy(self.model), layers).eval(), layers
 
 
-Hook = Callable[[int], None]
+StepHook = Callable[[float], None]  # called with t, the share of the run's steps done (0 < t <= 1)
+EpochHook = Callable[[int], None]
+
+
+def run_steps(n: int, epochs: int, batch_size: int) -> int:
+    """The optimiser steps of a run: schedules are laid over steps, not epochs, so a 1-epoch
+    budget still anneals from start to end (an epoch-wise ρ, τ or ε stays at its start value)."""
+    return epochs * math.ceil(n / batch_size)
 
 
 def on_grid_fraction(weights: dict[str, torch.Tensor], layers: dict[str, LayerCodes], tol: float = 0.05) -> float:
@@ -84,14 +92,16 @@ def finetune(
     desc: str,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     loss_extra: Callable[[], torch.Tensor] | None = None,
-    before_step: Hook | None = None,
-    after_step: Hook | None = None,
-    after_epoch: Hook | None = None,
+    before_step: StepHook | None = None,
+    after_step: StepHook | None = None,
+    after_epoch: EpochHook | None = None,
     extra: list[torch.Tensor] = (),
     extra_lr: float | None = None,
 ) -> tuple[nn.Module, dict[str, LayerCodes], list[dict]]:
     """Adam on cross-entropy (+ loss_extra) over `model`'s trainable parameters and the method's
-    own `extra` tensors (at `extra_lr` when given); after every epoch the projected (α·Q) model is scored on validation and the
+    own `extra` tensors (at `extra_lr` when given). `before_step`/`after_step` get the share of the
+    run's steps done (`run_steps`), for schedules that end where they should whatever the budget;
+    after every epoch the projected (α·Q) model is scored on validation and the
     best one is returned with its codes. Each epoch's row records `on_grid`: the share of weights
     already within 5% of a grid step of their code before that hard rounding (`on_grid_fraction`);
     the last row names the selected epoch and its share."""
@@ -106,12 +116,24 @@ def finetune(
     best = evaluate(best_model, data.x_val, data.y_val)
     history = [{"epoch": 0, "val_acc": best[0], "val_loss": best[1], "on_grid": proj.on_grid(best_layers)}]
     best_epoch = 0
+    total, step = run_steps(len(x), epochs, batch_size), [0]
+
+    def tick() -> None:
+        step[0] += 1
+
+    def share() -> float:  # the step under way counts as done: t = 1 at the last step
+        return (step[0] + 1) / total
+
+    def after() -> None:
+        if after_step is not None:
+            after_step(share())
+        tick()
+
     bar = tqdm(range(1, epochs + 1), desc=desc, disable=not spec.progress, leave=False)
     for epoch in bar:
         model.train()
-        train_epoch(forward, opt, x, y, batch_size, gen, loss_extra,
-                    None if after_step is None else lambda: after_step(epoch),
-                    None if before_step is None else lambda: before_step(epoch))
+        train_epoch(forward, opt, x, y, batch_size, gen, loss_extra, after,
+                    None if before_step is None else lambda: before_step(share()))
         if after_epoch is not None:
             after_epoch(epoch)
         qm, layers = proj.quantized_copy()

@@ -111,7 +111,7 @@ class QuantSpec:
 
 # Hyperparameters that are meaningless at 0 (a step size, a penalty, a count of rounds or samples).
 POSITIVE = ("lr", "grid_lr", "rho", "rho_end", "rho_growth", "batch_size", "block_size", "iters", "max_iter", "epochs",
-            "update_every", "min_steps", "inner_epochs")
+            "updates", "min_steps", "inner_epochs")
 
 
 def _check_number(name: str, value: Any, default: Any) -> None:

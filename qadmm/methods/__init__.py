@@ -7,7 +7,8 @@ defaults) and one function with one signature:
 
 `model` is the trained float model (the back-end may modify a copy, never the caller's object);
 `spec.resolve(Params)` gives the hyperparameters with the user's overrides. A module may set
-`RECALIBRATE = True` when its result leaves BatchNorm statistics stale (it never trains them): then
+`RECALIBRATE = True` when its result leaves BatchNorm statistics stale (it never trains them, or trains
+them on weights other than the final codes): then
 BatchNorm re-estimation runs after it by default (`qadmm.recalibrate`; `spec.bn_reestimate` overrides),
 and `BIAS_CORRECTION = True` to make bias correction its default (`spec.bias_correction` overrides).
 """

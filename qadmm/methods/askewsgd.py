@@ -7,8 +7,8 @@ where −∇f already restores feasibility faster than the rule asks), and other
 direction K = −rate·g/g′ that moves it back into the band. The grid is our code set's levels; each
 layer's scale s is the warm start's fitted α (per tensor or per channel), fixed during training (the
 paper freezes it once annealing starts); K is clipped so no step exceeds a quarter grid cell; ε
-stays at its start value for `constant_share` of the epochs, then shrinks geometrically to `eps_end`
-at the last epoch; the final codes are the hard projection through `codes.fit`.
+stays at its start value for `constant_share` of the run's steps, then shrinks geometrically to
+`eps_end` at the last step (per step, so a 1-epoch budget anneals too); the final codes are the hard projection through `codes.fit`.
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ from qadmm.finetune import Projector, finetune
 from qadmm.spec import QuantResult, QuantSpec
 
 
+RECALIBRATE = True  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
+
+
 @dataclass
 class Params:
     epochs: int = 30
@@ -34,7 +37,7 @@ class Params:
     rate: float = 1.0  # α of the paper: how fast an infeasible weight is sent back (K = −rate·g/g′)
     eps0: float = 1.0  # ε at the start, as a share of the largest g-value between two levels: 1 = all feasible
     eps_end: float = 1e-4  # ... and at the last epoch
-    constant_share: float = 0.3  # share of the epochs at eps0 before the annealing
+    constant_share: float = 0.3  # share of the steps at eps0 before the annealing
 
     def __post_init__(self) -> None:
         if not 0 < self.eps_end < self.eps0 or not 0 <= self.constant_share < 1:
@@ -75,24 +78,23 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
         eps_max[n] = float(((levels[n][1] - levels[n][0]) / 2) ** 4)  # g's largest value between two levels
         u[n] = (w.detach() / scale[n]).clamp(levels[n][0], levels[n][-1]).requires_grad_(True)
         w.requires_grad_(False)
-    start = max(1, round(p.constant_share * p.epochs))
 
-    def eps(epoch: int) -> float:  # ε share: constant, then geometric to eps_end at the last epoch
-        if epoch <= start:
+    def eps(t: float) -> float:  # ε share at run share t: constant, then geometric to eps_end at the last step
+        if t <= p.constant_share:
             return p.eps0
-        return p.eps0 * (p.eps_end / p.eps0) ** ((epoch - start) / max(p.epochs - start, 1))
+        return p.eps0 * (p.eps_end / p.eps0) ** ((t - p.constant_share) / (1 - p.constant_share))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         params = dict(model.named_parameters())
         params.update({f"{n}.weight": scale[n] * u[n] for n in proj.names})
         return functional_call(model, (params, dict(model.named_buffers())), (x,))
 
-    def before_step(epoch: int) -> None:  # the skewed direction replaces the gradient (the optimiser steps along −grad)
+    def before_step(t: float) -> None:  # the skewed direction replaces the gradient (the optimiser steps along −grad)
         for n in proj.names:
-            d = direction(u[n].detach(), u[n].grad, levels[n], eps(epoch) * eps_max[n], p.rate, clip=0.25 / p.grid_lr)
+            d = direction(u[n].detach(), u[n].grad, levels[n], eps(t) * eps_max[n], p.rate, clip=0.25 / p.grid_lr)
             u[n].grad = -d
 
-    def after_step(epoch: int) -> None:
+    def after_step(t: float) -> None:
         with torch.no_grad():
             for n in proj.names:
                 u[n].clamp_(levels[n][0], levels[n][-1])
@@ -101,7 +103,7 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     qm, layers, history = finetune(model, data, spec, proj, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
                                    desc="askewsgd", forward=forward, before_step=before_step, after_step=after_step,
                                    extra=list(u.values()), extra_lr=p.grid_lr)
-    feasible = sum(int((eps(p.epochs) * eps_max[n] - (u[n] - a) ** 2 * (u[n] - b) ** 2 >= 0).sum())
+    feasible = sum(int((eps(1.0) * eps_max[n] - (u[n] - a) ** 2 * (u[n] - b) ** 2 >= 0).sum())
                    for n in proj.names for a, b in [neighbours(u[n].detach(), levels[n])])
     history.append({"feasible_fraction_at_end": feasible / sum(x.numel() for x in u.values())})
     return QuantResult(qm, layers, "askewsgd", asdict(p), history)

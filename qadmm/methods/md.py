@@ -32,6 +32,9 @@ from qadmm.finetune import Projector, finetune
 from qadmm.spec import QuantResult, QuantSpec
 
 
+RECALIBRATE = True  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
+
+
 @dataclass
 class Params:
     epochs: int = 30
@@ -113,17 +116,15 @@ def run(kind: str, name: str, model: nn.Module, data: Dataset, spec: QuantSpec) 
     mirrors = {n: Mirror(kind, modules[n].weight, proj.alphas[n], proj.codes[n], p.beta0) for n in proj.names}
     for n in proj.names:
         modules[n].weight.requires_grad_(False)
-    steps = p.epochs * math.ceil(len(data.x_train) / p.batch_size)
     beta = [p.beta0]
-    growth = (p.beta_end / p.beta0) ** (1 / max(steps - 1, 1))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         params = dict(model.named_parameters())
         params.update({f"{n}.weight": m.weight(beta[0]) for n, m in mirrors.items()})
         return functional_call(model, (params, dict(model.named_buffers())), (x,))
 
-    def after_step(epoch: int) -> None:  # β grows; the module weights follow α·P_β(ũ) for the projection
-        beta[0] = min(beta[0] * growth, p.beta_end)
+    def after_step(t: float) -> None:  # β grows geometrically to beta_end at the last step; the module weights follow α·P_β(ũ)
+        beta[0] = p.beta0 * (p.beta_end / p.beta0) ** t
         for n, m in mirrors.items():
             modules[n].weight.copy_(m.soft(beta[0]))
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from qadmm.data import Dataset
-from qadmm.methods.md import Params, run
+from qadmm.methods.md import RECALIBRATE, Params, run
 from qadmm.spec import QuantResult, QuantSpec
 
-__all__ = ["Params", "quantize"]
+__all__ = ["Params", "RECALIBRATE", "quantize"]
 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:

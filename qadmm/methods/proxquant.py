@@ -1,7 +1,8 @@
 """ProxQuant (Bai, Wang, Liberty, ICLR 2019): prox-gradient on L(W) + λ_t·R(W), R the distance to the
 code set. After every Adam step W ← (W + τ·q(W)) / (1 + τ), q(W) = α·Π(W/α), with τ growing
-linearly (the paper's homotopy); at `freeze_at` of the run the weights are hard-quantized and frozen
-and the float rest (biases, BatchNorm) keeps training (algorithms.md §4)."""
+linearly over the run's steps (the paper's homotopy); at `freeze_at` of the steps the weights are
+hard-quantized and frozen and the float rest (biases, BatchNorm) keeps training (algorithms.md §4).
+Per step, not per epoch: a 1-epoch budget froze at its very end, leaving BatchNorm no steps to adapt."""
 from __future__ import annotations
 
 import copy
@@ -15,13 +16,16 @@ from qadmm.finetune import Projector, finetune
 from qadmm.spec import QuantResult, QuantSpec, apply_codes
 
 
+RECALIBRATE = True  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
+
+
 @dataclass
 class Params:
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 32
-    reg: float = 2e-2  # τ per step at the end of the homotopy (τ_t = reg·epoch/epochs)
-    freeze_at: float = 0.67  # fraction of the epochs after which the codes are frozen
+    reg: float = 2e-2  # τ per step at the end of the homotopy (τ_t = reg·t, t the share of the steps done)
+    freeze_at: float = 0.67  # share of the steps after which the codes are frozen
 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
@@ -29,22 +33,22 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     model = copy.deepcopy(model).to(spec.device)
     proj = Projector(model, spec)
     weights = {n: m.weight for n, m in model.named_modules() if n in proj.names}
-    freeze_epoch = max(1, round(p.freeze_at * p.epochs))
+    frozen = [False]
 
-    def after_step(epoch: int) -> None:
-        if epoch > freeze_epoch:
+    def after_step(t: float) -> None:
+        if frozen[0]:
             return
-        tau = p.reg * epoch / p.epochs
+        if t >= p.freeze_at:  # hard-quantize and freeze; the float rest keeps training
+            apply_codes(model, proj())
+            for w in weights.values():
+                w.requires_grad_(False)
+            frozen[0] = True
+            return
+        tau = p.reg * t
         with torch.no_grad():
             for n, lc in proj().items():  # prox of the quadratic distance to the projection
                 weights[n].copy_((weights[n] + tau * lc.weight()) / (1 + tau))
 
-    def after_epoch(epoch: int) -> None:
-        if epoch == freeze_epoch:  # hard-quantize and freeze; the float rest keeps training
-            apply_codes(model, proj())
-            for w in weights.values():
-                w.requires_grad_(False)
-
     qm, layers, history = finetune(model, data, spec, proj, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-                                   desc="proxquant", after_step=after_step, after_epoch=after_epoch)
+                                   desc="proxquant", after_step=after_step)
     return QuantResult(qm, layers, "proxquant", asdict(p), history)

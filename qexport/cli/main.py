@@ -264,5 +264,9 @@ main.add_command(_pack_cmd)
 main.add_command(_unpack_cmd)
 main.add_command(_to_c_cmd)
 
+from qexport.cli.report import report as _report_cmd  # noqa: E402
+
+main.add_command(_report_cmd)
+
 if __name__ == "__main__":
     main()
