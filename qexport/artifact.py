@@ -61,6 +61,14 @@ class Artifact:
         meta = {k: v for k, v in self.meta.items() if k not in ("graph", "layers")}
         return save_artifact(path, self.model, self.layers, meta, self.graph)
 
+    def sizes(self) -> dict[str, int]:
+        """Bytes of the deployed model (codes at their storage bits, one fp32 α per scale, every
+        other parameter and buffer fp32) and of the same model in fp32."""
+        state = self.model.state_dict()
+        codes = sum(-(-lc.q.numel() * lc.codes.storage_bits // 8) + 4 * lc.alpha.numel() for lc in self.layers.values())
+        floats = sum(v.numel() for k, v in state.items() if not (k.endswith(".weight") and k[:-7] in self.layers))
+        return {"model_bytes": codes + 4 * floats, "float_bytes": 4 * sum(v.numel() for v in state.values())}
+
     @property
     def bits_summary(self) -> str:
         sets = {(lc.codes.scheme, lc.codes.bits) for lc in self.layers.values()}

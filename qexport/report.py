@@ -173,7 +173,9 @@ def aggregate(results: Iterable[dict]) -> list[Row]:
         groups.setdefault(key, []).append(r)
     rows = []
     for key, recs in groups.items():
-        recs.sort(key=lambda r: (r["cell"]["seed"], r["key"]))
+        # one result per seed (the last in the file): cells that differ only in what they export
+        # (or a second sweep into the same file) quantized the same thing
+        recs = sorted({r["cell"]["seed"]: r for r in recs}.values(), key=lambda r: r["cell"]["seed"])
         sizes = [r.get("sizes") or {} for r in recs]
         verify = [r["verify"] for r in recs if r.get("verify")]
         rows.append(Row(*key, accs=tuple(float(r["acc"]) for r in recs),

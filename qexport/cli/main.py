@@ -43,6 +43,8 @@ def main(ctx: click.Context, debug: bool) -> None:
       qexport run      d2.onnx                                    # accuracy and latency
       qexport pack     d2.qx.safetensors -o d2.qpk.safetensors    # 2 bits per weight
       qexport to-c     d2.qx.safetensors -o d2_c/                 # C99 for a microcontroller
+      qexport sweep    grid.toml -o results.jsonl                 # a grid of experiments
+      qexport report   results.jsonl -o report/                   # tables and figures
     """
     ctx.ensure_object(dict)["debug"] = debug
 
@@ -265,7 +267,9 @@ main.add_command(_unpack_cmd)
 main.add_command(_to_c_cmd)
 
 from qexport.cli.report import report as _report_cmd  # noqa: E402
+from qexport.cli.sweep import sweep as _sweep_cmd  # noqa: E402
 
+main.add_command(_sweep_cmd)
 main.add_command(_report_cmd)
 
 if __name__ == "__main__":
