@@ -3,7 +3,7 @@
 The Python API (`qexport.api`): `quantize`, `load`, `to_onnx`, `verify`, `load_data`; imported
 on first use so that `qexport --help` stays fast.
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["quantize", "load", "to_onnx", "verify", "load_data"]
 

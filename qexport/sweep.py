@@ -95,13 +95,24 @@ class SweepConfig:
     verify_samples: int | None = None  # test samples for verify (default: the whole test split)
     source: str = ""  # where the config came from, recorded in every line
 
+    def models_for(self, dataset: str) -> list[ModelSpec]:
+        """The models run on `dataset`: "default" is the dataset's own zoo model (the thesis's topology)."""
+        from qadmm.data import NAMES as DATASETS
+        from qadmm.zoo import default_model
+
+        return [ModelSpec(default_model(dataset, ()), None, None, default_model(dataset, ()))
+                if m.given == "default" and dataset in DATASETS else m for m in self.models]
+
+    def model(self, dataset: str, label: str) -> ModelSpec:
+        return next(m for m in self.models_for(dataset) if m.label == label)
+
     def cells(self) -> list[Cell]:
         """The grid's cells in a fixed order (dataset, model, seed outermost: a float model's cells run together)."""
         from qadmm import methods as registry
 
         out = []
         for ds in self.datasets:
-            for m in self.models:
+            for m in self.models_for(ds):
                 for seed in self.seeds:
                     for name, params in self.methods:
                         fields = {f.name for f in dataclasses.fields(registry.get_method(name).Params)}
@@ -115,7 +126,7 @@ class SweepConfig:
 
     def floats(self) -> list[tuple[str, ModelSpec, int]]:
         """The (dataset, model, seed) float models to train before the cells (checkpoints need none)."""
-        return [(ds, m, s) for ds in self.datasets for m in self.models if m.trained_here for s in self.seeds]
+        return [(ds, m, s) for ds in self.datasets for m in self.models_for(ds) if m.trained_here for s in self.seeds]
 
 
 # ---------------------------------------------------------------- the config file
@@ -173,6 +184,8 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
                              m.get("normalize"), given)
         elif m.endswith(CHECKPOINT_SUFFIXES):
             spec = ModelSpec(None, path(m) or m, None, m)
+        elif m == "default":
+            spec = ModelSpec(None, None, None, "default")
         else:
             spec = ModelSpec(_factory_path(m, base), None, None, m)
         if spec.checkpoint and not Path(spec.checkpoint).is_file():
@@ -506,14 +519,13 @@ def run_sweep(cfg: SweepConfig, out: PathLike, *, workers: int | None = None, ba
     need = {(c.dataset, c.model, c.seed) for c in todo}
     floats = {(ds, m.label, s): str(cache / f"float-{float_key(cfg, ds, m, s)}.safetensors")
               for ds, m, s in cfg.floats() if (ds, m.label, s) in need}
-    models = {m.label: m for m in cfg.models}
     workers = workers or os.cpu_count() or 1
     pool = RayPool(workers, address) if backend == "ray" else LocalPool(min(workers, max(len(todo), 1)))
     bar = tqdm(total=len(floats) + len(todo), desc="sweep", unit="run", disable=not progress, smoothing=0.05)
     try:
         failed_floats: dict[tuple, str] = {}
         blobs = {k: Path(p).read_bytes() for k, p in floats.items() if Path(p).is_file()}
-        jobs = {pool.submit(train_float, fields, ds, models[label], s): (ds, label, s)
+        jobs = {pool.submit(train_float, fields, ds, cfg.model(ds, label), s): (ds, label, s)
                 for (ds, label, s) in floats if (ds, label, s) not in blobs}
         bar.update(len(blobs))
         for fut in pool.completed(list(jobs)):
@@ -527,7 +539,8 @@ def run_sweep(cfg: SweepConfig, out: PathLike, *, workers: int | None = None, ba
             bar.update(1)
         futures = {}
         for c in todo:
-            j = Job(cfg.data_dir, blobs.get((c.dataset, c.model, c.seed)), models[c.model], cfg.verify_samples, cfg.source)
+            j = Job(cfg.data_dir, blobs.get((c.dataset, c.model, c.seed)), cfg.model(c.dataset, c.model), cfg.verify_samples,
+                    cfg.source)
             if (c.dataset, c.model, c.seed) in failed_floats:
                 rec = {"schema": SCHEMA, "key": c.key, "cell": dataclasses.asdict(c), "config": cfg.source,
                        "status": "error", "error": failed_floats[(c.dataset, c.model, c.seed)]}

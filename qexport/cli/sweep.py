@@ -15,6 +15,7 @@ A config (TOML); the cross product of the lists is the grid:
   methods = ["ptq", {name = "admm-q", params = {rho = 0.01}}]
   bits = [2, 4]
   seeds = [0, 1, 2]
+  # models = ["default"]: each dataset's own zoo model
   # optional: schemes = ["thesis"], per_channel = [true, false], export = "qoperator",
   # budget = 5 (epochs for every back-end that trains), data_dir = "../shared/data",
   # float_epochs = 20, verify_samples = 2000

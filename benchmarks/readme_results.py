@@ -1,0 +1,68 @@
+"""Put the committed sweep reports' tables and figures into the README, between the markers
+
+    <!-- results:NAME -->  ...  <!-- /results:NAME -->
+
+where NAME is a folder under benchmarks/reports/ (written by `qexport report`). The README's
+results are then generated, never pasted:
+
+    python benchmarks/readme_results.py            # rewrite the README's blocks
+    python benchmarks/readme_results.py --check    # exit 1 when a block differs from its report
+
+Each block gets the report's tables (one per dataset × model) and, per dataset × model, its
+accuracy-against-bits figure; the box plots and the other figures stay in the report.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+REPORTS = ROOT / "benchmarks" / "reports"
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def block(name: str) -> str:
+    """The README text for report `name`: its sections from the first dataset heading on, figure
+    paths made relative to the README, box plots left out."""
+    folder = REPORTS / name
+    md = (folder / "report.md").read_text(encoding="utf-8")
+    start = md.find("\n## ")
+    sections = re.split(r"(?m)^(?=## )", md[start + 1:])
+    keep = [s for s in sections if not s.startswith("## Failed cells")]
+    text = "".join(keep)
+    text = re.sub(r"(?m)^!\[[^\]]*\]\(figures/[^)]*-box\.png\)\n\n?", "", text)
+    text = text.replace("](figures/", f"]({folder.relative_to(ROOT).as_posix()}/figures/")
+    text = re.sub(r"(?m)^## ", "#### ", text)
+    link = f"[{folder.relative_to(ROOT).as_posix()}/report.md]({folder.relative_to(ROOT).as_posix()}/report.md)"
+    return f"Generated from {link} (`python benchmarks/readme_results.py`); box plots per bit width there.\n\n{text.strip()}\n"
+
+
+def render(readme: str) -> str:
+    def sub(m: re.Match) -> str:
+        return m.group(1) + block(m.group("name")) + m.group(4)
+
+    return BLOCK.sub(sub, readme)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when the README is stale")
+    args = ap.parse_args()
+    text = README.read_text(encoding="utf-8")
+    new = render(text)
+    if args.check:
+        if new != text:
+            print("README.md results blocks differ from benchmarks/reports/: run python benchmarks/readme_results.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new, encoding="utf-8")
+    print(f"README.md: {len(BLOCK.findall(text))} results block(s) regenerated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
