@@ -25,6 +25,7 @@ import tempfile
 import time
 import tomllib
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -402,6 +403,10 @@ def codes_hash(art) -> str:
 # ---------------------------------------------------------------- the driver
 
 
+class WorkerDied(Exception):
+    """A worker process ended without returning (killed, out of memory, a crash in native code)."""
+
+
 @dataclass
 class SweepSummary:
     cells: int  # in the grid
@@ -534,6 +539,8 @@ def run_sweep(cfg: SweepConfig, out: PathLike, *, workers: int | None = None, ba
                 cache.mkdir(parents=True, exist_ok=True)
                 with atomic_path(floats[jobs[fut]]) as tmp:
                     tmp.write_bytes(blob)
+            except BrokenProcessPool:
+                raise WorkerDied(f"training the float model of {' '.join(map(str, jobs[fut]))}") from None
             except Exception as e:  # noqa: BLE001 - its cells record the error
                 failed_floats[jobs[fut]] = f"float model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             bar.update(1)
@@ -548,7 +555,16 @@ def run_sweep(cfg: SweepConfig, out: PathLike, *, workers: int | None = None, ba
             else:
                 futures[pool.submit(run_cell, c, j)] = c
         for fut in pool.completed(list(futures)):
-            _record(out, pool.result(fut), summary, bar, on_line)
+            try:
+                rec = pool.result(fut)
+            except Exception:  # noqa: BLE001 - run_cell never raises: the worker itself died
+                raise WorkerDied(f"running {cell_name(dataclasses.asdict(futures[fut]))}") from None
+            _record(out, rec, summary, bar, on_line)
+    except WorkerDied as e:
+        pool.close(cancel=True)
+        pool = None
+        raise UserError(f"a worker process died {e} (killed, or out of memory?): the {summary.ok + summary.failed} cells "
+                        f"finished are in {out}; run the same command again to go on (fewer --workers if memory is short)") from None
     except KeyboardInterrupt:
         summary.interrupted = True
         pool.close(cancel=True)
@@ -572,10 +588,13 @@ def _record(out: Path, rec: dict, summary: SweepSummary, bar: Any, on_line: Call
         on_line(rec)
 
 
+def cell_name(c: dict) -> str:
+    return f"{c['dataset']} {c['model']} {c['method']} {c['bits']}b{' per-channel' if c['per_channel'] else ''} seed {c['seed']}"
+
+
 def describe_cell(rec: dict) -> str:
     """One line for a finished cell (the CLI prints it as lines arrive)."""
-    c = rec["cell"]
-    what = f"{c['dataset']} {c['model']} {c['method']} {c['bits']}b{' per-channel' if c['per_channel'] else ''} seed {c['seed']}"
+    what = cell_name(rec["cell"])
     if rec["status"] != "ok":
         return f"  FAILED {what}: {rec['error']}"
     v = rec.get("verify")

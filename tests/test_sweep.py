@@ -165,3 +165,18 @@ def test_ray_backend_gives_the_same_lines_as_the_local_one(minimal, tmp_path):
     local = sorted(({k: v for k, v in x.items() if k not in drop} for x in lines(minimal / "results.jsonl")), key=lambda x: x["key"])
     ray = sorted(({k: v for k, v in x.items() if k not in drop} for x in lines(out)), key=lambda x: x["key"])
     assert ray == local
+
+
+def test_a_worker_that_dies_stops_the_sweep_with_one_line_and_keeps_finished_cells(minimal, tmp_path):
+    import torch
+
+    (tmp_path / "die.py").write_text("import os, signal\n\ndef make(input_shape, num_classes):\n"
+                                     "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "w.pt")  # never loaded: the factory kills its process first
+    (tmp_path / "grid.toml").write_text(MINIMAL.replace('models = ["mlp-digits"]',
+                                                        'models = ["mlp-digits", {name = "die.py:make", checkpoint = "w.pt"}]'))
+    out = tmp_path / "r.jsonl"
+    r = invoke("sweep", str(tmp_path / "grid.toml"), "-o", str(out), "-q", "--workers", "1", "--cache", str(minimal / "results.floats"))
+    assert r.exit_code == 2 and "a worker process died running digits die.py:make@w.pt ptq 2b seed 0" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert [x["cell"]["model"] for x in lines(out)] == ["mlp-digits", "mlp-digits"]
