@@ -95,6 +95,15 @@ class SweepConfig:
     float_patience: int = 30
     verify_samples: int | None = None  # test samples for verify (default: the whole test split)
     source: str = ""  # where the config came from, recorded in every line
+    base: str | None = None  # the config's folder: dataset files are named relative to it
+
+    def data_path(self, dataset: str) -> str:
+        """Where dataset `dataset` (a name, or a file as the config names it) is read from."""
+        from qadmm.data import NAMES as DATASETS
+
+        if dataset in DATASETS or self.base is None or Path(dataset).is_absolute():
+            return dataset
+        return str(Path(self.base) / dataset)
 
     def models_for(self, dataset: str) -> list[ModelSpec]:
         """The models run on `dataset`: "default" is the dataset's own zoo model (the thesis's topology)."""
@@ -132,7 +141,7 @@ class SweepConfig:
 
 # ---------------------------------------------------------------- the config file
 
-KEYS = {f.name for f in dataclasses.fields(SweepConfig)} - {"source"}
+KEYS = {f.name for f in dataclasses.fields(SweepConfig)} - {"source", "base"}
 REQUIRED = ("datasets", "models", "methods", "bits", "seeds")
 
 
@@ -169,7 +178,7 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
         if d in DATASETS:
             datasets.append(d)
         elif Path(path(d) or d).is_file():
-            datasets.append(path(d) or d)
+            datasets.append(d)  # as written: results name it so, wherever the folder moves
         else:
             raise BadValue(f"{where}: dataset {d!r} is neither one of {', '.join(DATASETS)} nor a file")
     models = []
@@ -209,7 +218,8 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
     if export is not False and export not in FORMS:
         raise BadValue(f"{where}: export = {export!r}: use false or one of {', '.join(FORMS)}")
     cfg = SweepConfig(datasets, models, entries, bits, seeds, schemes, per_channel, export or None,
-                      source=where, data_dir=path(raw.get("data_dir")) or raw.get("data_dir"))
+                      source=where, data_dir=path(raw.get("data_dir")) or raw.get("data_dir"),
+                      base=None if base is None else str(base))
     for key in ("budget", "float_epochs", "float_batch_size", "float_patience", "verify_samples"):
         if key in raw:
             if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
@@ -298,6 +308,7 @@ class Job:
     """What a worker needs besides the cell: the shared settings and the float model. A float model
     trained by the sweep travels as its checkpoint's bytes (a Ray node may not see the driver's disk)."""
 
+    data: str  # the dataset's name or file (resolved)
     data_dir: str | None
     float_blob: bytes | None  # the float checkpoint trained by the sweep ...
     model: ModelSpec  # ... or the model itself (checkpoints, factory + weights: paths every worker sees)
@@ -311,7 +322,7 @@ def float_key(cfg: SweepConfig, ds: str, m: ModelSpec, seed: int) -> str:
     return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
 
 
-def train_float(cfg_fields: dict, ds: str, m: ModelSpec, seed: int) -> bytes:
+def train_float(cfg_fields: dict, ds: str, m: ModelSpec, seed: int) -> bytes:  # ds: resolved (SweepConfig.data_path)
     """Train one float model of the grid; its qexport checkpoint's bytes."""
     from qexport.checkpoint import save_checkpoint
     from qexport.workflow import float_model, load_data, preprocessing
@@ -351,7 +362,7 @@ def _quantize_cell(cell: Cell, job: Job) -> dict:
     from qexport.checkpoint import load_checkpoint
     from qexport.workflow import float_model, load_data
 
-    data = load_data(cell.dataset, job.data_dir, cell.seed, None)
+    data = load_data(job.data, job.data_dir, cell.seed, None)
     with tempfile.TemporaryDirectory(prefix="qexport-sweep-") as tmp:
         m = job.model
         if job.float_blob is not None:
@@ -530,7 +541,7 @@ def run_sweep(cfg: SweepConfig, out: PathLike, *, workers: int | None = None, ba
     try:
         failed_floats: dict[tuple, str] = {}
         blobs = {k: Path(p).read_bytes() for k, p in floats.items() if Path(p).is_file()}
-        jobs = {pool.submit(train_float, fields, ds, cfg.model(ds, label), s): (ds, label, s)
+        jobs = {pool.submit(train_float, fields, cfg.data_path(ds), cfg.model(ds, label), s): (ds, label, s)
                 for (ds, label, s) in floats if (ds, label, s) not in blobs}
         bar.update(len(blobs))
         for fut in pool.completed(list(jobs)):
@@ -546,7 +557,7 @@ def run_sweep(cfg: SweepConfig, out: PathLike, *, workers: int | None = None, ba
             bar.update(1)
         futures = {}
         for c in todo:
-            j = Job(cfg.data_dir, blobs.get((c.dataset, c.model, c.seed)), cfg.model(c.dataset, c.model), cfg.verify_samples,
+            j = Job(cfg.data_path(c.dataset), cfg.data_dir, blobs.get((c.dataset, c.model, c.seed)), cfg.model(c.dataset, c.model), cfg.verify_samples,
                     cfg.source)
             if (c.dataset, c.model, c.seed) in failed_floats:
                 rec = {"schema": SCHEMA, "key": c.key, "cell": dataclasses.asdict(c), "config": cfg.source,
