@@ -200,6 +200,14 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
             spec = ModelSpec(_factory_path(m, base), None, None, m)
         if spec.checkpoint and not Path(spec.checkpoint).is_file():
             raise BadValue(f"{where}: checkpoint {spec.checkpoint} not found")
+        file = (spec.name or "").rpartition(":")[0]
+        if file.endswith(".py") and not Path(file).is_file():
+            raise BadValue(f"{where}: model file {file} not found (a factory is file.py:function, relative to the config)")
+        if spec.normalize not in (None, "none", "fit"):
+            try:
+                [float(v) for v in str(spec.normalize).split(",")][1]
+            except (ValueError, IndexError):
+                raise BadValue(f"{where}: normalize = {spec.normalize!r}: use none, fit or \"MEAN,STD\"") from None
         models.append(spec)
     entries = []
     for m in _list(raw, "methods", where, (str, dict)):

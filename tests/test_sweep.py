@@ -115,6 +115,8 @@ def test_export_and_verify_per_cell_then_the_report_renders(minimal, tmp_path):
     (MINIMAL.replace('methods = ["ptq"]', 'methods = [{name = "admm-q", params = {rho = -1}}]'), "rho"),
     (MINIMAL + "export = \"onnx\"\n", "export = 'onnx'"),
     ("datasets = [\n", "not valid TOML"),
+    (MINIMAL.replace('"mlp-digits"', '"nonet.py:make"'), "model file"),
+    (MINIMAL.replace('"mlp-digits"', '{name = "mlp-digits", normalize = "zscore"}'), "normalize = 'zscore'"),
 ])
 def test_bad_configs_are_refused_in_one_line(tmp_path, text, message):
     (tmp_path / "grid.toml").write_text(text)
