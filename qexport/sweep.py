@@ -94,6 +94,7 @@ class SweepConfig:
     float_batch_size: int = 32
     float_patience: int = 30
     verify_samples: int | None = None  # test samples for verify (default: the whole test split)
+    device: str = "cpu"  # where the back-ends that train run (cpu, cuda, cuda:1 ...), as `quantize --device`
     source: str = ""  # where the config came from, recorded in every line
     base: str | None = None  # the config's folder: dataset files are named relative to it
 
@@ -233,6 +234,10 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
             if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
                 raise BadValue(f"{where}: '{key}' must be a positive integer, got {raw[key]!r}")
             setattr(cfg, key, raw[key])
+    if "device" in raw:
+        if not isinstance(raw["device"], str) or not raw["device"]:
+            raise BadValue(f"{where}: 'device' must be a string such as \"cpu\" or \"cuda\", got {raw['device']!r}")
+        cfg.device = raw["device"]
     if "float_lr" in raw:
         if not isinstance(raw["float_lr"], (int, float)) or not 0 < raw["float_lr"] < math.inf:
             raise BadValue(f"{where}: 'float_lr' must be a positive number, got {raw['float_lr']!r}")
@@ -243,8 +248,11 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
     for name, params in entries:  # bits, schemes and hyperparameters as `qexport quantize` checks them, before any work
         for b in bits:
             for sc in schemes:
-                registry.check(name, QuantSpec(bits=b, scheme=sc, params=params, progress=False))
-                QuantSpec(bits=b, scheme=sc, params=params).resolve(registry.get_method(name).Params)
+                try:
+                    registry.check(name, QuantSpec(bits=b, scheme=sc, params=params, progress=False, device=cfg.device))
+                    QuantSpec(bits=b, scheme=sc, params=params).resolve(registry.get_method(name).Params)
+                except UserError as e:
+                    raise BadValue(f"{where}: {name} at {b} bits: {str(e).replace('use --device cpu', 'use device = \"cpu\"')}") from None
     return cfg
 
 
@@ -322,6 +330,7 @@ class Job:
     model: ModelSpec  # ... or the model itself (checkpoints, factory + weights: paths every worker sees)
     verify_samples: int | None
     source: str
+    device: str = "cpu"
 
 
 def float_key(cfg: SweepConfig, ds: str, m: ModelSpec, seed: int) -> str:
@@ -382,7 +391,7 @@ def _quantize_cell(cell: Cell, job: Job) -> dict:
         user = bool(m.name and ":" in m.name and m.checkpoint)
         t0 = time.time()
         art = api.quantize(model, data, cell.method, cell.bits, scheme=cell.scheme, per_channel=cell.per_channel,
-                           params=cell.params, seed=cell.seed, model_name=name, source=source,
+                           params=cell.params, seed=cell.seed, model_name=name, source=source, device=job.device,
                            normalize=m.normalize if user else None)
         seconds = {"quantize": round(time.time() - t0, 3)}
         out: dict[str, Any] = {"scheme": art.meta["spec"]["scheme"], "float_acc": art.meta["accuracy"]["float_test"],
@@ -566,7 +575,7 @@ def run_sweep(cfg: SweepConfig, out: PathLike, *, workers: int | None = None, ba
         futures = {}
         for c in todo:
             j = Job(cfg.data_path(c.dataset), cfg.data_dir, blobs.get((c.dataset, c.model, c.seed)), cfg.model(c.dataset, c.model), cfg.verify_samples,
-                    cfg.source)
+                    cfg.source, cfg.device)
             if (c.dataset, c.model, c.seed) in failed_floats:
                 rec = {"schema": SCHEMA, "key": c.key, "cell": dataclasses.asdict(c), "config": cfg.source,
                        "status": "error", "error": failed_floats[(c.dataset, c.model, c.seed)]}
