@@ -252,7 +252,8 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
                     registry.check(name, QuantSpec(bits=b, scheme=sc, params=params, progress=False, device=cfg.device))
                     QuantSpec(bits=b, scheme=sc, params=params).resolve(registry.get_method(name).Params)
                 except UserError as e:
-                    raise BadValue(f"{where}: {name} at {b} bits: {str(e).replace('use --device cpu', 'use device = \"cpu\"')}") from None
+                    msg = str(e).replace("use --device cpu", 'use device = "cpu"')  # the config's words, not the CLI's
+                    raise BadValue(f"{where}: {name} at {b} bits: {msg}") from None
     return cfg
 
 
