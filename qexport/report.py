@@ -471,14 +471,17 @@ def _blocks(results: list[dict], reference: Reference | None, stems: dict[tuple[
         if reference and ds in reference.float_acc:
             line += f"; {reference.name}: float {_acc(*reference.float_acc[ds])}"
         out.append(("p", line + "."))
+        # reference columns only where the reference has a number for some row (a table of our own
+        # code sets next to the thesis's would be a column of dashes)
+        compare = reference is not None and any(reference.match(w) for w in at)
         header = ["bits", "method", "code set", "n", "ours", "float"]
-        if reference:
+        if compare:
             header += [f"reference ({reference.name})", "difference"]
         header += ["model KiB", "s/cell", "verify"]
         table = []
         for w in at:
             cells = [str(w.bits), w.label, w.code_set, str(w.n), _acc(w.mean, w.std), f"{w.float_mean:.2f}"]
-            if reference:
+            if compare:
                 m = reference.match(w)
                 cells += [f"{_acc(m.mean, m.std)} ({m.label})", difference(w, m)] if m else [DASH, DASH]
             cells += [DASH if w.model_bytes is None else f"{w.model_bytes / 1024:.1f}", _seconds(w.seconds),
