@@ -194,7 +194,7 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
             spec = ModelSpec(m.get("name") and _factory_path(m["name"], base), path(m.get("checkpoint")) or m.get("checkpoint"),
                              m.get("normalize"), given)
         elif m.endswith(CHECKPOINT_SUFFIXES):
-            spec = ModelSpec(None, path(m) or m, None, m)
+            spec = ModelSpec(None, path(m) or m, None, Path(m).name.split(".")[0])  # models/net.safetensors: "net"
         elif m == "default":
             spec = ModelSpec(None, None, None, "default")
         else:
@@ -210,6 +210,10 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
             except (ValueError, IndexError):
                 raise BadValue(f"{where}: normalize = {spec.normalize!r}: use none, fit or \"MEAN,STD\"") from None
         models.append(spec)
+    labels = [m.label for m in models]
+    if len(set(labels)) < len(labels):
+        twice = next(x for x in labels if labels.count(x) > 1)
+        raise BadValue(f"{where}: two models are named {twice!r} in the results: rename one of the files")
     entries = []
     for m in _list(raw, "methods", where, (str, dict)):
         name, params = (m, {}) if isinstance(m, str) else (m.get("name"), m.get("params", {}))
