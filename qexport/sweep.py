@@ -502,8 +502,8 @@ class RayPool:
             import ray
         except ImportError:
             raise UserError("--backend ray needs Ray: pip install 'qexport[ray]' (or pip install ray)") from None
-        self.ray = ray
-        if not ray.is_initialized():
+        self.ray, self.started = ray, not ray.is_initialized()  # a caller's own Ray session is left running
+        if self.started:
             kw = {"num_cpus": workers} if address is None and workers else {}
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kw)
         self.threads = 1 if address else worker_threads(workers or os.cpu_count() or 1)
@@ -524,7 +524,8 @@ class RayPool:
         return self.ray.get(ref)
 
     def close(self, cancel: bool = False) -> None:
-        self.ray.shutdown()
+        if self.started:  # ends this driver's tasks too (Ray fails the tasks whose owner is gone)
+            self.ray.shutdown()
 
 
 def _in_ray(threads: int, fn: Callable, *args) -> Any:
