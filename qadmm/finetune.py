@@ -116,24 +116,18 @@ def finetune(
     best = evaluate(best_model, data.x_val, data.y_val)
     history = [{"epoch": 0, "val_acc": best[0], "val_loss": best[1], "on_grid": proj.on_grid(best_layers)}]
     best_epoch = 0
-    total, step = run_steps(len(x), epochs, batch_size), [0]
+    total, done = run_steps(len(x), epochs, batch_size), [0]
 
-    def tick() -> None:
-        step[0] += 1
-
-    def share() -> float:  # the step under way counts as done: t = 1 at the last step
-        return (step[0] + 1) / total
-
-    def after() -> None:
+    def after() -> None:  # the step just taken counts: t = 1 after the last one
+        done[0] += 1
         if after_step is not None:
-            after_step(share())
-        tick()
+            after_step(done[0] / total)
 
     bar = tqdm(range(1, epochs + 1), desc=desc, disable=not spec.progress, leave=False)
     for epoch in bar:
         model.train()
         train_epoch(forward, opt, x, y, batch_size, gen, loss_extra, after,
-                    None if before_step is None else lambda: before_step(share()))
+                    None if before_step is None else lambda: before_step((done[0] + 1) / total))
         if after_epoch is not None:
             after_epoch(epoch)
         qm, layers = proj.quantized_copy()
