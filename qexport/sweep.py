@@ -481,7 +481,9 @@ class LocalPool:
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from done
+            # results first: when a worker dies, the cells that finished with it are written before
+            # the sweep stops on the failed ones
+            yield from sorted(done, key=lambda f: f.exception() is not None)
 
     def result(self, fut: Future) -> Any:
         return fut.result()
