@@ -6,6 +6,7 @@ reshaped to its static dimensions when the element counts agree (e.g. MNIST (1,2
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +52,20 @@ def max_code(model) -> int:
     return max((int(np.abs(c.astype(np.int64)).max(initial=0)) for c in codes), default=0)
 
 
-def cpu_has_vnni() -> bool | None:
-    """Whether this x86 CPU has VNNI (no int16 saturation); None when it cannot be told."""
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them (empty when they cannot be read): onnxruntime
+    picks its integer kernels by them, so the integer reference must too."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return frozenset(w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split())
     except OSError:
-        return None
+        return frozenset()
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (no int16 saturation); None when it cannot be told."""
+    flags = cpu_flags()
     if "avx2" not in flags:
         return None  # not x86 (ARM dot-product kernels do not saturate)
     return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
