@@ -436,3 +436,27 @@ def test_typed_errors_for_api_users(made, tmp_path):
         from qadmm.spec import QuantSpec
 
         QuantSpec(seed=-1).validate()
+
+
+def test_every_module_imports_on_its_own():
+    """A user's script may import any module first (`from qexport.onnx.integer import qadd`): none
+    may depend on another having been imported before it (an import cycle did)."""
+    code = """
+import importlib, pkgutil, sys
+import qadmm, qexport
+names = [m.name for p in (qadmm, qexport) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]
+failed = []
+for name in names:
+    for k in [k for k in sys.modules if k.split(".")[0] in ("qadmm", "qexport")]:
+        del sys.modules[k]
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        failed.append(f"{name}: {type(e).__name__}: {e}")
+print(len(names))
+print("\\n".join(failed))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    count, *failed = out.stdout.strip().split("\n")
+    assert int(count) > 40 and failed == [], failed

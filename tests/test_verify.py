@@ -167,7 +167,6 @@ def test_qlinearadd_reference_equals_onnxruntime_on_every_input_pair():
     import torch
     from onnx import TensorProto, helper
 
-    import qexport.ops  # noqa: F401  (the op registry first: integer.py is imported through it)
     from qexport.onnx.integer import QParams, qadd
 
     a, b = (x.ravel() for x in np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8)))

@@ -24,7 +24,10 @@ class Params:
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 32
-    reg: float = 2e-2  # τ per step at the end of the homotopy (τ_t = reg·t, t the share of the steps done)
+    # τ per step at the end of the homotopy (τ_t = reg·t, t the share of the steps done). Measured, seed 0,
+    # 2e-2 → 0.2: MNIST MLP 1 bit 5 epochs 75.6 → 92.7, Fashion 75.0 → 77.7, cnn-small 2 bits 1 epoch
+    # 68.4 → 70.3, digits 1/2 bits 30 epochs unchanged (93.3 / 94.4); 1.0 and 5.0 no better.
+    reg: float = 0.2
     freeze_at: float = 0.67  # share of the steps after which the codes are frozen
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
@@ -14,7 +15,9 @@ from torch import nn
 
 from qadmm.spec import LayerCodes
 from qadmm.errors import UserError
-from qexport.ops.base import INPUT, OUTPUT, Ctx, Op
+
+if TYPE_CHECKING:  # at run time qexport.ops is imported where used: its op modules import this module
+    from qexport.ops.base import Ctx, Op
 
 MS_DOMAIN = "com.microsoft"
 
@@ -202,6 +205,7 @@ def int_weight(ctx: Ctx, op: Op) -> tuple[IntLayer, list[str]]:
 
 def qname(v: str) -> str:
     """Name of the uint8 tensor holding value v (the float `logits` is the graph output)."""
+    from qexport.ops.base import INPUT, OUTPUT
     return {OUTPUT: "logits.q", INPUT: "input.q"}.get(v, v)
 
 
@@ -270,6 +274,7 @@ def finish(b: Builder, input_shape: list[int], output_shape: list[int], meta: di
     from onnx import TensorProto, helper
 
     import qexport
+    from qexport.ops.base import INPUT, OUTPUT
 
     graph = helper.make_graph(
         b.nodes, "qexport",
