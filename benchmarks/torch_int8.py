@@ -38,6 +38,11 @@ the CLI's defaults, exactly as benchmarks/thesis_table.py does (`--cache DIR` sh
 
     OMP_NUM_THREADS=1 python benchmarks/torch_int8.py --data-dir ../shared/data \\
         --datasets digits,seeds,pendigits --seeds 3 --qat-epochs 3 --json /tmp/torch_int8.json
+
+`--jsonl FILE` also writes every result as a `qexport sweep` record (methods `torch-dynamic`,
+`torch-static`, `torch-qat`, scheme `int8`, 8 bits, the model labelled as the sweeps label it), so
+that `qexport report ours.jsonl torch-int8.jsonl` puts them in the same tables as qexport's methods
+and beside the thesis's DQ/SQ/QAT rows.
     OMP_NUM_THREADS=1 python benchmarks/torch_int8.py --datasets fashion-mnist:cnn-small,fashion-mnist:resnet20 \\
         --seeds 1 --qat-epochs 1 --qat-samples 10000
 
@@ -168,9 +173,12 @@ def get_float(ds: str, model_name: str, seed: int, a: argparse.Namespace) -> tup
 
 def run_one(ds: str, model_name: str, seed: int, a: argparse.Namespace, seen: dict[str, str]) -> dict:
     model, data, source = get_float(ds, model_name, seed, a)
-    row = {"dataset": ds, "model": model_name, "seed": seed, "source": source, "n_test": len(data.y_test),
-           "weight_layers": weight_layers(model), "float": accuracy(model, data.x_test, data.y_test),
-           "seconds": {}, "eval_seconds": {}, "int8_layers": {}}  # + one test accuracy (or None) per path
+    ckpt = CHECKPOINTS.get((ds, model_name))
+    row = {"dataset": ds, "model": model_name, "label": Path(ckpt).stem if ckpt else model_name,  # as a sweep labels it
+           "seed": seed, "source": source, "n_test": len(data.y_test), "weight_layers": weight_layers(model),
+           "float": accuracy(model, data.x_test, data.y_test), "float_bytes": 4 * sum(v.numel() for v in model.state_dict().values()
+                                                                                      if v.is_floating_point()),
+           "seconds": {}, "eval_seconds": {}, "int8_layers": {}, "model_bytes": {}}  # + one test accuracy (or None) per path
     for path in a.paths:
         t0 = time.time()
         with recorded_warnings(seen):
@@ -180,11 +188,55 @@ def run_one(ds: str, model_name: str, seed: int, a: argparse.Namespace, seen: di
         t1 = time.time()
         acc = accuracy(qmodel, data.x_test, data.y_test) if n8 else None
         row[path] = acc
+        row["model_bytes"][path] = int8_model_bytes(model, path)
         row["seconds"][path], row["eval_seconds"][path], row["int8_layers"][path] = seconds, time.time() - t1, n8
         print(f"  {ds}/{model_name} seed {seed} {path}: float {row['float']:.2f}%  int8 "
               f"{'n/a' if acc is None else f'{acc:.2f}%'} ({n8}/{row['weight_layers']} layers int8, {seconds:.1f} s)",
               file=sys.stderr, flush=True)
     return row
+
+
+def int8_model_bytes(model: nn.Module, path: str) -> int:
+    """Bytes of the int8 model: int8 weights of the layers the path quantizes (+ an fp32 scale per
+    output channel, per tensor for dynamic), every other parameter and buffer fp32."""
+    kinds = (nn.Linear,) if path == "dynamic" else (nn.Linear, nn.Conv2d)
+    layers = {n for n, m in model.named_modules() if isinstance(m, kinds)}
+    total = 0
+    for name, v in model.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in layers and leaf == "weight":
+            total += v.numel() + 4 * (1 if path == "dynamic" else v.shape[0])
+        elif v.is_floating_point():
+            total += 4 * v.numel()
+    return total
+
+
+def sweep_records(runs: list[dict], a: argparse.Namespace) -> list[dict]:
+    """The runs as `qexport sweep` records (schema qexport.sweep/1), one per run and path."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    from qexport.fileio import versions
+
+    out = []
+    for r in runs:
+        for path in a.paths:
+            if r.get(path) is None:
+                continue
+            params = {"dynamic": {}, "static": {"calib_samples": a.calib_samples},
+                      "qat": {"epochs": a.qat_epochs, "lr": a.qat_lr, "batch_size": a.qat_batch_size,
+                              "samples": a.qat_samples, "update_bn": a.qat_update_bn}}[path]
+            cell = {"dataset": r["dataset"], "model": r["label"], "method": f"torch-{path}", "params": {},
+                    "bits": 8, "scheme": "int8", "per_channel": path != "dynamic", "seed": r["seed"], "export": None}
+            out.append({"schema": "qexport.sweep/1", "key": hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16],
+                        "cell": cell, "status": "ok", "error": None, "scheme": "int8", "acc": r[path], "float_acc": r["float"],
+                        "method_params": {"api": API[path], "engine": ENGINE, **params}, "verify": None,
+                        "sizes": {"model_bytes": r["model_bytes"][path], "float_bytes": r["float_bytes"]},
+                        "seconds": {"quantize": r["seconds"][path], "total": r["seconds"][path]},
+                        "float_model": r["source"], "versions": versions(), "worker": "benchmarks/torch_int8.py",
+                        "int8_layers": f"{r['int8_layers'][path]}/{r['weight_layers']}",
+                        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+    return out
 
 
 def fmt(values: list[float]) -> str:
@@ -233,6 +285,8 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="cache trained float models here (benchmarks/thesis_table.py's keys)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write every run to this JSON file")
+    ap.add_argument("--jsonl", default=None, help="also write every result as a qexport sweep record to this file, "
+                                                   "for `qexport report ours.jsonl THIS`")
     a = ap.parse_args()
     a.paths = [p for p in a.paths.split(",") if p]
     if bad := [p for p in a.paths if p not in PATHS]:
@@ -264,6 +318,8 @@ def main() -> None:
         Path(a.json).write_text(json.dumps({"torch": torch.__version__, "engine": ENGINE, "args": vars(a), "apis": API,
                                             "warnings": [{"category": c, "text": t} for t, c in seen.items()],
                                             "skipped": skipped, "runs": runs}, indent=1))
+    if a.jsonl:
+        Path(a.jsonl).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in sweep_records(runs, a)))
 
 
 if __name__ == "__main__":

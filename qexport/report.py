@@ -75,31 +75,31 @@ def _check_record(rec: Any, where: str) -> None:
             _need(v is None or (_number(v) and v >= 0), where, f"{group}.{name} must be a non-negative number or null, got {v!r}")
 
 
-def load_results(path: PathLike) -> list[dict]:
-    """The results of a sweep's JSONL file, one dict per cell, failed cells included (status
-    "error"). A key that appears more than once (a cell rerun) keeps its last line. Raises
-    `BadData` naming the file and line of the first malformed line."""
-    raw = read_bytes(path)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadData(f"{path} is not UTF-8 text (byte {e.start}): is it a sweep's results .jsonl file?") from None
+def load_results(*paths: PathLike) -> list[dict]:
+    """The results of sweeps' JSONL files (read as one, in order), one dict per cell, failed cells
+    included (status "error"). A key that appears more than once (a cell rerun) keeps its last line.
+    Raises `BadData` naming the file and line of the first malformed line."""
     by_key: dict[str, dict] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
+    for path in paths:
+        raw = read_bytes(path)
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            # a sweep killed mid-write leaves a truncated last line: say how to go on
-            raise BadData(f"{where}: not valid JSON ({e.msg} at column {e.colno}); delete or fix the line "
-                          "(a sweep that was killed can leave its last line unfinished)") from None
-        _check_record(rec, where)
-        by_key.pop(rec["key"], None)  # the rerun takes the place of the first run in the order
-        by_key[rec["key"]] = rec
-    if not by_key:
-        raise BadData(f"{path} has no results (no non-empty lines): run the sweep first")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadData(f"{path} is not UTF-8 text (byte {e.start}): is it a sweep's results .jsonl file?") from None
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if not lines:
+            raise BadData(f"{path} has no results (no non-empty lines): run the sweep first")
+        for n, line in lines:
+            where = f"{path} line {n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                # a sweep killed mid-write leaves a truncated last line: say how to go on
+                raise BadData(f"{where}: not valid JSON ({e.msg} at column {e.colno}); delete or fix the line "
+                              "(a sweep that was killed can leave its last line unfinished)") from None
+            _check_record(rec, where)
+            by_key.pop(rec["key"], None)  # the rerun takes the place of the first run in the order
+            by_key[rec["key"]] = rec
     return list(by_key.values())
 
 

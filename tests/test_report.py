@@ -109,6 +109,22 @@ def test_rerun_keeps_last_line_and_extra_keys_are_ignored(tmp_path):
     assert row.accs == (90.0, 92.0) and row.n == 2 and row.mean == 91.0
 
 
+def test_several_results_files_make_one_report(tmp_path):
+    """Ours and PyTorch's int8 baselines (benchmarks/torch_int8.py --jsonl) in one table, matched
+    with the thesis's DQ row; a bad line in the second file is named by that file."""
+    ours = write_jsonl(tmp_path / "ours.jsonl", [record("seeds", "mlp-seeds", "lq", 8, s, 90.0, scheme="thesis") for s in range(2)])
+    torch_rows = [record("seeds", "mlp-seeds", "torch-dynamic", 8, s, 91.0, scheme="int8") for s in range(2)]
+    theirs = write_jsonl(tmp_path / "torch.jsonl", torch_rows)
+    cli(["report", str(ours), str(theirs), "-o", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    (table,) = [b for b in md.split("## ")[1:] if b.startswith("seeds · mlp-seeds")]
+    assert "| 8 | lq | thesis | 2 | 90.00 ± 0.00 |" in table
+    assert "| 8 | torch-dynamic | int8 | 2 | 91.00 ± 0.00 |" in table and "(DQ)" in table
+    bad = write_jsonl(tmp_path / "bad.jsonl", [torch_rows[0], {"schema": "other/2"}])
+    r = CliRunner().invoke(main, ["report", str(ours), str(bad), "-o", str(tmp_path / "rep2")])
+    assert r.exit_code == 2 and f"{bad} line 2" in r.output and not (tmp_path / "rep2").exists(), r.output
+
+
 @pytest.mark.parametrize("line,message", [
     ('{"schema": "qexport.sweep/1", "key": "x", "cell": {', "line 2: not valid JSON"),
     ('[1, 2]', "line 2: not a JSON object"),

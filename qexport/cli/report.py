@@ -11,21 +11,22 @@ Examples:
   qexport report sweep.jsonl -o sweep-report/ --html          # and one self-contained report.html
   qexport report sweep.jsonl -o r/ --reference my-paper.json  # compare with your own numbers
   qexport report sweep.jsonl -o r/ --no-reference             # no reference columns
+  qexport report ours.jsonl torch-int8.jsonl -o r/            # several results files, one report
 """
 
 
 @click.command(epilog=EPILOG)
-@click.argument("results", type=click.Path(dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(), default=None, metavar="DIR",
-              help="Folder for the report (created if its parent exists; default: RESULTS's name with -report).")
+              help="Folder for the report (created if its parent exists; default: the first RESULTS's name with -report).")
 @click.option("--reference", "reference_file", type=click.Path(dir_okay=False), default=None,
               help="Reference accuracies to compare with, a JSON file (format: docs/sweeps.md). "
                    "Default: the thesis's tables shipped with qexport.")
 @click.option("--no-reference", is_flag=True, help="No reference and difference columns.")
 @click.option("--html", "as_html", is_flag=True, help="Also write report.html with the figures embedded (one file).")
 def report(results, output, reference_file, no_reference, as_html):
-    """Summarise a sweep's results (JSONL): mean ± std over seeds per method and bit width,
-    set beside a reference, with box plots and accuracy/size/time figures.
+    """Summarise a sweep's results (JSONL; several files are read as one): mean ± std over seeds
+    per method and bit width, set beside a reference, with box plots and accuracy/size/time figures.
 
     Failed cells are listed with their errors; a cell that was rerun counts once (its last line).
     The same results give byte-identical files.
@@ -35,11 +36,11 @@ def report(results, output, reference_file, no_reference, as_html):
 
     if reference_file and no_reference:
         raise UserError("--reference and --no-reference exclude each other: give one")
-    path = Path(results)
-    out = check_out_dir(output if output else path.with_name(path.stem + "-report"), [results, reference_file])
-    cells = load_results(results)
+    path = Path(results[0])
+    out = check_out_dir(output if output else path.with_name(path.stem + "-report"), [*results, reference_file])
+    cells = load_results(*results)
     ref = None if no_reference else load_reference(reference_file)
-    files = write_report(cells, out, ref, as_html, inputs=[results, reference_file])
+    files = write_report(cells, out, ref, as_html, inputs=[*results, reference_file])
     ok, failed = split_results(cells)
     click.echo(f"wrote {files.markdown}" + (f", {files.html}" if files.html else "")
                + f" and {len(files.figures)} figures in {out / 'figures'}/")
