@@ -85,7 +85,7 @@ def test_c_unpacker_reads_every_width(tmp_path, digits, digits_mlp):
     out = tmp_path / "c"
     export_c(load_packed(tmp_path / "a.qx.safetensors"), out)
     rng = np.random.default_rng(0)
-    cases, arrays, calls, expect = [], [], [], []
+    arrays, calls, expect = [], [], []
     for width in range(1, 10):
         enc = bitpack.SIGN if width == 1 else bitpack.TWOS_COMPLEMENT
         lo, hi = bitpack.code_range(width, enc)

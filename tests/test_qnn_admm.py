@@ -1,10 +1,8 @@
 """QNN-ADMM: each subproblem solver against a brute-force or closed-form answer on tiny problems,
 the whole method on digits, and the CLI end to end."""
-import json
 
 import pytest
 import torch
-from torch import nn
 
 from qadmm import admm_steps as st
 from qadmm.errors import UserError
