@@ -23,6 +23,7 @@ from qadmm.errors import BadData, BadFile, BadValue, OutputConflict, UserError
 from qexport.artifact import content_hash, load_artifact
 from qexport.cli import main
 from qexport.fileio import read_safetensors
+from tests_helpers import sigint_default
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_CNN = ROOT / "models" / "fashion-cnn-small.safetensors"
@@ -384,7 +385,7 @@ def test_user_code_that_fails(tmp_path, digits_mlp):
 def test_ctrl_c_is_one_line_at_any_moment(tmp_path, delay):
     """Ctrl-C while torch imports (first second) or while training: one line, exit 130, nothing written."""
     p = subprocess.Popen([sys.executable, "-m", "qexport", "quantize", "-q", "-o", str(tmp_path / "o")], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from qexport.cli.main import main
+from tests_helpers import sigint_default
 
 MINIMAL = 'datasets = ["digits"]\nmodels = ["mlp-digits"]\nmethods = ["ptq"]\nbits = [2, 4]\nseeds = [0]\n'
 QEXPORT = [sys.executable, "-m", "qexport"]
@@ -142,7 +143,7 @@ def test_ctrl_c_keeps_every_finished_line_and_the_rerun_finishes(minimal, tmp_pa
     out = tmp_path / "r.jsonl"
     cmd = QEXPORT + ["sweep", str(grid), "-o", str(out), "--workers", "1", "-q", "--cache", str(minimal / "results.floats")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=sigint_default)
     deadline = time.time() + 120
     while time.time() < deadline and not (out.is_file() and out.read_text().count("\n") >= 1):
         time.sleep(0.2)

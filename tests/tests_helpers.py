@@ -28,3 +28,11 @@ def cnn_artifact(path: Path, digits, bits: int):
             "preprocessing": {"mean": digits.mean.tolist(), "std": digits.std.tolist()}}
     save_artifact(path, res.model, res.layers, meta)
     return res
+
+
+def sigint_default() -> None:
+    """Popen's preexec_fn for tests that press Ctrl-C: a child inherits an ignored SIGINT from a
+    test run started in the background (`cmd &`, nohup), and Python then keeps ignoring it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
