@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 REPORTS = ROOT / "benchmarks" / "reports"
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # qexport from this checkout (for --reports)
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
 
@@ -50,7 +51,6 @@ def block(name: str) -> str:
 
 def rebuild_report(name: str) -> list[Path]:
     """benchmarks/reports/NAME from NAME.jsonl and the NAME.*.jsonl beside it; the files read."""
-    sys.path.insert(0, str(ROOT))
     from qexport.report import load_reference, load_results, write_report
 
     files = [RESULTS / f"{name}.jsonl", *sorted(RESULTS.glob(f"{name}.*.jsonl"))]

@@ -75,6 +75,7 @@ from qadmm.errors import UserError  # noqa: E402
 from qadmm.train import accuracy, seed_everything, train_epoch  # noqa: E402
 from qadmm.zoo import default_model  # noqa: E402
 from qexport.checkpoint import load_checkpoint  # noqa: E402
+from qexport.sweep import checkpoint_label  # noqa: E402
 from qexport.workflow import float_model  # noqa: E402
 
 ENGINE = "x86"
@@ -174,7 +175,7 @@ def get_float(ds: str, model_name: str, seed: int, a: argparse.Namespace) -> tup
 def run_one(ds: str, model_name: str, seed: int, a: argparse.Namespace, seen: dict[str, str]) -> dict:
     model, data, source = get_float(ds, model_name, seed, a)
     ckpt = CHECKPOINTS.get((ds, model_name))
-    row = {"dataset": ds, "model": model_name, "label": Path(ckpt).stem if ckpt else model_name,  # as a sweep labels it
+    row = {"dataset": ds, "model": model_name, "label": checkpoint_label(ckpt) if ckpt else model_name,  # as a sweep labels it
            "seed": seed, "source": source, "n_test": len(data.y_test), "weight_layers": weight_layers(model),
            "float": accuracy(model, data.x_test, data.y_test), "float_bytes": 4 * sum(v.numel() for v in model.state_dict().values()
                                                                                       if v.is_floating_point()),
@@ -218,7 +219,7 @@ def sweep_records(runs: list[dict], a: argparse.Namespace) -> list[dict]:
 
     from qexport.fileio import versions
 
-    out = []
+    out, made_by = [], versions()
     for r in runs:
         for path in a.paths:
             if r.get(path) is None:
@@ -233,7 +234,7 @@ def sweep_records(runs: list[dict], a: argparse.Namespace) -> list[dict]:
                         "method_params": {"api": API[path], "engine": ENGINE, **params}, "verify": None,
                         "sizes": {"model_bytes": r["model_bytes"][path], "float_bytes": r["float_bytes"]},
                         "seconds": {"quantize": r["seconds"][path], "total": r["seconds"][path]},
-                        "float_model": r["source"], "versions": versions(), "worker": "benchmarks/torch_int8.py",
+                        "float_model": r["source"], "versions": made_by, "worker": "benchmarks/torch_int8.py",
                         "int8_layers": f"{r['int8_layers'][path]}/{r['weight_layers']}",
                         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
     return out

@@ -156,6 +156,11 @@ def _list(raw: dict, key: str, where: str, kind: type | tuple, default: Any = No
     return v
 
 
+def checkpoint_label(path: str | Path) -> str:
+    """How results name a model given as a checkpoint file: models/net.safetensors is "net"."""
+    return Path(path).name.split(".")[0]
+
+
 def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> SweepConfig:
     """A SweepConfig from a parsed TOML table, every field checked; relative paths are taken from
     `base` (the config file's folder)."""
@@ -194,7 +199,7 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
             spec = ModelSpec(m.get("name") and _factory_path(m["name"], base), path(m.get("checkpoint")) or m.get("checkpoint"),
                              m.get("normalize"), given)
         elif m.endswith(CHECKPOINT_SUFFIXES):
-            spec = ModelSpec(None, path(m) or m, None, Path(m).name.split(".")[0])  # models/net.safetensors: "net"
+            spec = ModelSpec(None, path(m) or m, None, checkpoint_label(m))
         elif m == "default":
             spec = ModelSpec(None, None, None, "default")
         else:
