@@ -129,6 +129,53 @@ def _alternate(v: torch.Tensor, codes: CodeSet, alpha: torch.Tensor, max_iter: i
     return best_a, best_q, best_e
 
 
+# Large code sets (qmax > SMALL_SET) screen every grid max|v|/k on at most this many (row, k,
+# sample) triples, so the screen costs about as much as a few alternations on a big layer.
+SMALL_SET = 16
+SCREEN_BUDGET = 2**24
+SCREEN_KEEP = 3
+
+
+def _screen(rows: torch.Tensor, codes: CodeSet, absmax: torch.Tensor, tol: torch.Tensor) -> list[torch.Tensor]:
+    """The most promising grids max|v|/k, k = 1..qmax, per row: SCREEN_KEEP values of k.
+
+    Each k is scored by one projection and the closed-form scale (eq. 4.16, 4.17) on an evenly
+    strided sample of the row (no randomness). Scores within `tol` of a row's best are ties and
+    rank by k, smallest first: when the row is exactly α·Q with max|Q| = M, every multiple of M
+    fits exactly, and M, the coarsest, is the one the fit must return.
+    """
+    n_rows, n = rows.shape
+    ks = torch.arange(1, codes.qmax + 1, dtype=rows.dtype)
+    take = min(n, max(64, SCREEN_BUDGET // (n_rows * len(ks))))
+    x = rows[:, torch.linspace(0, n - 1, take).round().long()] if take < n else rows
+    xx = (x * x).sum(1)
+    scores = []
+    chunk = max(1, 2**22 // (n_rows * x.shape[1]))
+    for k in ks.split(chunk):
+        a = absmax[:, None] / k[None, :]  # (rows, k)
+        q = codes.project(x[:, None, :] / a[:, :, None])
+        xq, qq = (x[:, None, :] * q).sum(2), (q * q).sum(2)
+        scores.append(xx[:, None] - torch.where(qq > 0, xq * xq / qq.clamp_min(1e-300), torch.zeros_like(qq)))
+    score = torch.cat(scores, 1)
+    # the sample's tolerance scales with its share of the row's energy
+    tied = score <= score.amin(1, keepdim=True) + tol[:, None] * (xx / (rows * rows).sum(1).clamp_min(1e-300))[:, None]
+    key = torch.where(tied, (ks - len(ks) - 1) / (len(ks) + 1), score)  # ties first (in (-1, 0)), by k
+    best = key.topk(min(SCREEN_KEEP, len(ks)), dim=1, largest=False).indices
+    return [ks[best[:, j]] for j in range(best.shape[1])]
+
+
+def _coarsest(q: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divide each row's codes by their greatest common divisor g and multiply α by g: the same
+    weights α·Q, on the coarsest grid that holds them, so the pair a fit returns is unique."""
+    g = q.abs().long()
+    while g.shape[1] > 1:
+        if g.shape[1] % 2:
+            g = torch.cat([g, torch.zeros_like(g[:, :1])], 1)
+        g = torch.gcd(g[:, 0::2], g[:, 1::2])
+    g = g[:, 0].clamp_min(1)
+    return q / g[:, None].to(q.dtype), a * g.to(a.dtype)
+
+
 def fit(
     v: torch.Tensor,
     codes: CodeSet,
@@ -140,10 +187,13 @@ def fit(
 ) -> Fit:
     """Fit α > 0 and codes Q to v so that ||v - α·Q||² is small (thesis Algorithm 4/8).
 
-    Without `alpha0` several starts are tried (max-based, mean-based, and max|v|/k for small k)
-    and the best pair kept, so the result is never worse than any of those starting scales and
-    refitting α·Q returns the same pair. With `alpha0` (a warm start, e.g. the previous ADMM
-    iteration's α) only that start is used: the fast path for repeated calls.
+    Without `alpha0` several starts are tried and the best pair kept: the mean-based start and
+    the grids max|v|/k (every k for small code sets; for large ones the few k that score best on
+    a strided sample of the row, see `_screen`). So the result is never worse than the max-based
+    start max|v|/qmax, and a tensor that is already α·Q (float32) comes back as the same pair:
+    refitting the result returns it, codes equal (ties in error go to the coarsest grid, and a
+    returned row's codes have no common divisor). With `alpha0` (a warm start, e.g. the previous
+    ADMM iteration's α) only that start is used: the fast path for repeated calls.
     """
     if not torch.isfinite(v).all():
         raise ValueError("cannot quantize a tensor with NaN or infinite values")
@@ -152,18 +202,19 @@ def fit(
     absmax = rows.abs().amax(1)
     zero = absmax == 0
     safe_max = torch.where(zero, torch.ones_like(absmax), absmax)
+    # Ties: equal error up to rounding (an exact grid and its multiples, a one-element row)
+    tol = 1e-12 * (rows**2).sum(1)
     if alpha0 is not None:
         starts = [alpha0.detach().to(torch.float64).reshape(-1).expand(rows.shape[0]).clone()]
     else:
         mean_abs = rows.abs().mean(1)
         # mean-based start: exact for binary (α* = mean|v|, §5 of algorithms.md), a good guess otherwise
         mean_start = torch.where(mean_abs > 0, mean_abs * (1.0 if codes.scheme == "binary" else 2.0 / max(codes.qmax, 1)), safe_max)
-        # small code sets: also max|v|/k for every k, so a tensor that already is α·Q is found again
-        ks = sorted({codes.qmax, *(range(1, codes.qmax + 1) if codes.qmax <= 16 else [])})
+        if codes.qmax <= SMALL_SET:
+            ks = [torch.full_like(safe_max, k) for k in range(1, codes.qmax + 1)]
+        else:
+            ks = [torch.full_like(safe_max, codes.qmax), *_screen(rows, codes, safe_max, tol)]
         starts = [safe_max / k for k in ks] + [mean_start]
-    # Ties (equal error up to rounding, e.g. a one-element row fits any code exactly) go to the
-    # pair with the larger codes, so the choice is canonical and refitting α·Q returns the same pair.
-    tol = 1e-12 * (rows**2).sum(1)
     best = None
     for a0 in starts:
         a0 = torch.where(a0 > 0, a0, safe_max / codes.qmax)
@@ -171,10 +222,10 @@ def fit(
         if best is None:
             best = (a, q, e)
         else:
-            bigger = q.abs().amax(1) > best[1].abs().amax(1)
-            better = (e < best[2] - tol) | ((e <= best[2] + tol) & bigger)
+            coarser = q.abs().amax(1) < best[1].abs().amax(1)
+            better = (e < best[2] - tol) | ((e <= best[2] + tol) & coarser)
             best = (torch.where(better, a, best[0]), torch.where(better[:, None], q, best[1]), torch.where(better, e, best[2]))
-    a, q, e = best
+    q, a = _coarsest(best[1], best[0])
     # All-zero rows: codes 0 (binary: +1 with a negligible scale) so W stays (numerically) 0.
     a = torch.where(zero, torch.full_like(a, ZERO_SCALE), a)
     q = torch.where(zero[:, None], codes.project(torch.zeros_like(q)), q)

@@ -46,7 +46,7 @@ def walk(model: nn.Module, x: torch.Tensor, spec: QuantSpec, solve: Solver, desc
     layers: dict[str, LayerCodes] = {}
     history = []
     for name, m in tqdm(select_layers(model, spec), desc=desc, disable=not spec.progress):
-        t0 = time.time()
+        t0 = time.perf_counter()
         codes = spec.codes_for(name)
         nearest = fit(m.weight.detach(), codes, spec.per_channel)
         w = weight_matrix(m)
@@ -62,5 +62,5 @@ def walk(model: nn.Module, x: torch.Tensor, spec: QuantSpec, solve: Solver, desc
             log.update(after(name))
         if bn_each_layer:
             reestimate_bn(model, x[:bn_samples])
-        history.append({"layer": name, **log, "seconds": round(time.time() - t0, 2)})
+        history.append({"layer": name, **log, "seconds": round(time.perf_counter() - t0, 2)})
     return layers, history

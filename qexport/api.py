@@ -110,9 +110,9 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
         pre = {"type": "standardize", "mean": first.module.mean.tolist(), "std": first.module.std.tolist(),
                "fitted_on": "inside the model (train split)"}
     float_acc = accuracy(model, data.x_test, data.y_test)
-    t0 = time.time()
+    t0 = time.perf_counter()
     result = methods.quantize(method, model, data, spec)
-    seconds = time.time() - t0
+    seconds = time.perf_counter() - t0
     q_acc = accuracy(result.model, data.x_test, data.y_test)
     codes = spec.codes
     meta = {

@@ -367,7 +367,7 @@ def train_float(cfg_fields: dict, ds: str, m: ModelSpec, seed: int) -> bytes:  #
 def run_cell(cell: Cell, job: Job) -> dict:
     """Quantize (and export + verify) one cell; its results line. Never raises: a failure is the
     line's `error` (one line), so one bad cell cannot stop a sweep."""
-    t0 = time.time()
+    t0 = time.perf_counter()
     rec: dict[str, Any] = {"schema": SCHEMA, "key": cell.key, "cell": dataclasses.asdict(cell), "config": job.source}
     try:
         rec.update(_quantize_cell(cell, job))
@@ -377,7 +377,7 @@ def run_cell(cell: Cell, job: Job) -> dict:
         rec["status"], rec["error"] = "error", f"{type(e).__name__}: {msg}" if not isinstance(e, UserError) else msg
     from qexport.fileio import versions
 
-    rec["seconds"] = {**rec.get("seconds", {}), "total": round(time.time() - t0, 3)}
+    rec["seconds"] = {**rec.get("seconds", {}), "total": round(time.perf_counter() - t0, 3)}
     rec["versions"] = versions()
     rec["worker"] = f"{socket.gethostname()}:{os.getpid()}"
     rec["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -399,11 +399,11 @@ def _quantize_cell(cell: Cell, job: Job) -> dict:
         else:
             model, name, source = float_model(data, m.name, m.checkpoint, cell.seed, None, 3e-3, 32, 30, False)
         user = bool(m.name and ":" in m.name and m.checkpoint)
-        t0 = time.time()
+        t0 = time.perf_counter()
         art = api.quantize(model, data, cell.method, cell.bits, scheme=cell.scheme, per_channel=cell.per_channel,
                            params=cell.params, seed=cell.seed, model_name=name, source=source, device=job.device,
                            normalize=m.normalize if user else None)
-        seconds = {"quantize": round(time.time() - t0, 3)}
+        seconds = {"quantize": round(time.perf_counter() - t0, 3)}
         out: dict[str, Any] = {"scheme": art.meta["spec"]["scheme"], "float_acc": art.meta["accuracy"]["float_test"],
                                "acc": art.meta["accuracy"]["quantized_test"], "method_params": art.meta["method"]["params"],
                                "sizes": {**art.sizes(), "artifact_bytes": None, "onnx_bytes": None}, "verify": None,
@@ -413,10 +413,10 @@ def _quantize_cell(cell: Cell, job: Job) -> dict:
         out["sizes"]["artifact_bytes"] = path.stat().st_size
         if cell.export:
             onnx_path = Path(tmp) / "cell.onnx"
-            t1 = time.time()
+            t1 = time.perf_counter()
             api.to_onnx(art, onnx_path, form=cell.export, calib_data=data)
             rep = api.verify(onnx_path, art, data, max_samples=job.verify_samples)
-            seconds["export_verify"] = round(time.time() - t1, 3)
+            seconds["export_verify"] = round(time.perf_counter() - t1, 3)
             out["sizes"]["onnx_bytes"] = onnx_path.stat().st_size
             runs = list(rep["runs"].values())
             out["verify"] = {"form": cell.export, "passed": bool(rep["passed"]), "samples": rep["samples"],
@@ -551,7 +551,7 @@ def run_sweep(cfg: SweepConfig, out: PathLike, *, workers: int | None = None, ba
     from qexport.fileio import atomic_path
 
     out = Path(out)
-    t0 = time.time()
+    t0 = time.perf_counter()
     done = {r["key"]: r for r in read_results(out)}
     if retry_failed:
         done = {k: r for k, r in done.items() if r.get("status") == "ok"}
@@ -614,7 +614,7 @@ def run_sweep(cfg: SweepConfig, out: PathLike, *, workers: int | None = None, ba
         bar.close()
         if pool is not None:
             pool.close()
-    summary.seconds = time.time() - t0
+    summary.seconds = time.perf_counter() - t0
     return summary
 
 

@@ -126,11 +126,11 @@ def float_model(data, model_name: str | None, checkpoint: str | None, seed: int,
     else:
         model = build_model(name, data.input_shape, data.num_classes, data.mean, data.std)
     cfg = TrainConfig(epochs=epochs or default_epochs(data.name), lr=lr, batch_size=batch_size, patience=patience, seed=seed)
-    t0 = time.time()
+    t0 = time.perf_counter()
     res = train_epochs(model, data, cfg, desc=f"train float {name}", progress=progress)
     info = {"epochs": cfg.epochs, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "lr": cfg.lr,
             "batch_size": cfg.batch_size, "patience": cfg.patience, "optimizer": "adam+cosine", "seed": seed,
-            "val_acc": res.best_val, "seconds": round(time.time() - t0, 2)}
+            "val_acc": res.best_val, "seconds": round(time.perf_counter() - t0, 2)}
     info["test_acc"] = accuracy(model, data.x_test, data.y_test)
     return model, name, info
 

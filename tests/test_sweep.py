@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from qexport.cli.main import main
-from tests_helpers import sigint_default
+from tests_helpers import HANG, sigint_default, wait_until
 
 MINIMAL = 'datasets = ["digits"]\nmodels = ["mlp-digits"]\nmethods = ["ptq"]\nbits = [2, 4]\nseeds = [0]\n'
 QEXPORT = [sys.executable, "-m", "qexport"]
@@ -48,7 +47,7 @@ def test_minimal_config_runs_two_cells_with_the_documented_schema(minimal):
         assert r["scheme"] == "symmetric" and 90 < r["float_acc"] <= 100 and 50 < r["acc"] <= 100
         assert set(r["sizes"]) == {"model_bytes", "float_bytes", "artifact_bytes", "onnx_bytes"}
         assert r["sizes"]["model_bytes"] < r["sizes"]["float_bytes"] / 4 and r["sizes"]["onnx_bytes"] is None
-        assert r["seconds"]["total"] >= r["seconds"]["quantize"] > 0
+        assert r["seconds"]["total"] >= r["seconds"]["quantize"] >= 0  # measured on a monotonic clock
         assert {"torch", "qexport", "numpy"} <= set(r["versions"]) and len(r["artifact_hash"]) == 64
         assert r["method_params"]["max_iter"] == 30 and r["data"]["name"] == "digits" and r["float_model"]["epochs"] > 0
     by_bits = {r["cell"]["bits"]: r for r in recs}
@@ -144,16 +143,15 @@ def test_ctrl_c_keeps_every_finished_line_and_the_rerun_finishes(minimal, tmp_pa
     cmd = QEXPORT + ["sweep", str(grid), "-o", str(out), "--workers", "1", "-q", "--cache", str(minimal / "results.floats")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=sigint_default)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out.is_file() and out.read_text().count("\n") >= 1):
-        time.sleep(0.2)
+    # pressed once the first cell's line is written (the other three cells take seconds more)
+    wait_until(proc, lambda: out.is_file() and out.read_text().count("\n") >= 1, "a finished cell in the results")
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=HANG)
     assert proc.returncode == 130, stdout + stderr
     assert "Traceback" not in stderr and "go on where it stopped" in stderr
     kept = lines(out)  # every line whole
     assert 1 <= len(kept) < 4
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=HANG)
     recs = lines(out)
     assert len(recs) == 4 and len({r["key"] for r in recs}) == 4 and all(r["status"] == "ok" for r in recs)
 

@@ -1,4 +1,5 @@
 """Helpers shared by the tests."""
+import os
 from pathlib import Path
 
 import torch
@@ -36,3 +37,52 @@ def sigint_default() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# Hang guard for the processes the tests start: a loaded 2-core machine is slow, a hung one is stuck.
+HANG = 600
+
+
+def mapped(pid: int, library: str) -> bool:
+    """Whether the process has loaded a shared library whose path contains `library` (Linux /proc)."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+
+
+def wait_until(proc, condition, what: str, timeout: float = HANG) -> None:
+    """Poll `condition()` every millisecond while `proc` runs; fail naming `what` if it exits first.
+    The tests that press Ctrl-C press it at a state of the child (a library loaded, a line printed),
+    not after a delay, so a fast or a loaded machine presses it at the same point."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the process exited (status {proc.returncode}) before {what}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"no {what} after {timeout} s")
+        time.sleep(0.001)
+
+
+def read_until(proc, marker: bytes, timeout: float = HANG) -> bytes:
+    """Read the child's stderr until `marker` appears; return what was read."""
+    import select
+    import time
+
+    seen = b""
+    end = time.monotonic() + timeout
+    fd = proc.stderr.fileno()
+    while marker not in seen:
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"no {marker!r} on stderr after {timeout} s: {seen[-500:]!r}")
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"stderr closed before {marker!r}: {seen[-500:]!r}")
+            seen += chunk
+    return seen

@@ -284,7 +284,7 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     history = []
     bar = tqdm(names, desc=f"lq {spec.describe_codes()}", disable=not spec.progress)
     for i, name in enumerate(bar):
-        t0 = time.time()
+        t0 = time.perf_counter()
         bar.set_postfix(layer=name)
         inputs.advance_to(name)
         g0 = start_codes(model, name, spec.codes_for(name), spec.per_channel, calib)
@@ -292,7 +292,7 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
         layers[name] = lc
         acc, loss = retrain_later(model, inputs, name, p.retrain_epochs, p.retrain_lr, p.batch_size, gen,
                                   spec.progress, f"  retrain after {name}", p.min_steps, p.select)
-        history.append({"layer": name, **log, "val_acc": acc, "val_loss": loss, "seconds": round(time.time() - t0, 2)})
+        history.append({"layer": name, **log, "val_acc": acc, "val_loss": loss, "seconds": round(time.perf_counter() - t0, 2)})
     for prm in model.parameters():
         prm.requires_grad_(True)
     model.eval()

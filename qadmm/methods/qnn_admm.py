@@ -289,7 +289,7 @@ def _run(model, linears, net: _Net, blocks, xv, yv, spec: QuantSpec, p: Params) 
     def snapshot():
         return [g.clone() for g in net.G], [b.clone() for b in net.b], list(net.Q), list(net.alpha)
 
-    t0 = time.time()
+    t0 = time.perf_counter()
     history = [score(0, 0.0)]
     best_key, best, best_it = (history[0]["val_acc"], -history[0]["val_loss"]), snapshot(), 0
     bar = tqdm(range(1, p.iterations + 1), desc="qnn-admm", disable=not spec.progress, leave=False)
@@ -297,7 +297,7 @@ def _run(model, linears, net: _Net, blocks, xv, yv, spec: QuantSpec, p: Params) 
         for s in blocks:
             net.sweep(s)
         net.grow_mu()
-        h = score(it, time.time() - t0)
+        h = score(it, time.perf_counter() - t0)
         history.append(h)
         bar.set_postfix(obj=f"{h['objective']:.4g}", rz=f"{math.sqrt(sum(r * r for r in h['res_z'])):.3g}",
                         rwg=f"{math.sqrt(sum(r * r for r in h['res_wg'])):.3g}", train=f"{h['train_acc']:.1f}%",
@@ -321,6 +321,6 @@ def _run(model, linears, net: _Net, blocks, xv, yv, spec: QuantSpec, p: Params) 
                 lin.bias.copy_(b[l].to(lin.bias.dtype))
     apply_codes(model, layers)
     history.append({"summary": True, "best_iter": best_it, "iterations_run": history[-1]["iter"],
-                    "seconds": round(time.time() - t0, 3), "backtrack_capped": sum(c.capped for c in net.ups + net.theta),
+                    "seconds": round(time.perf_counter() - t0, 3), "backtrack_capped": sum(c.capped for c in net.ups + net.theta),
                     "fista_steps": net.fista_steps})
     return QuantResult(model, layers, "qnn-admm", asdict(p), history)
