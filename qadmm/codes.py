@@ -129,8 +129,9 @@ def _alternate(v: torch.Tensor, codes: CodeSet, alpha: torch.Tensor, max_iter: i
     return best_a, best_q, best_e
 
 
-# Large code sets (qmax > SMALL_SET) screen every grid max|v|/k on at most this many (row, k,
-# sample) triples, so the screen costs about as much as a few alternations on a big layer.
+# Large code sets (qmax > SMALL_SET) screen every grid max|v|/k on a sample of at most this many
+# (row, k, sample) triples in all (but 64 samples a row at least), so the screen costs less than
+# one alternation on a big layer.
 SMALL_SET = 16
 SCREEN_BUDGET = 2**24
 SCREEN_KEEP = 3
@@ -145,22 +146,19 @@ def _screen(rows: torch.Tensor, codes: CodeSet, absmax: torch.Tensor, tol: torch
     fits exactly, and M, the coarsest, is the one the fit must return.
     """
     n_rows, n = rows.shape
-    ks = torch.arange(1, codes.qmax + 1, dtype=rows.dtype)
-    take = min(n, max(64, SCREEN_BUDGET // (n_rows * len(ks))))
+    take = min(n, max(64, SCREEN_BUDGET // (n_rows * codes.qmax)))
     x = rows[:, torch.linspace(0, n - 1, take).round().long()] if take < n else rows
     xx = (x * x).sum(1)
-    scores = []
-    chunk = max(1, 2**22 // (n_rows * x.shape[1]))
-    for k in ks.split(chunk):
-        a = absmax[:, None] / k[None, :]  # (rows, k)
-        q = codes.project(x[:, None, :] / a[:, :, None])
-        xq, qq = (x[:, None, :] * q).sum(2), (q * q).sum(2)
-        scores.append(xx[:, None] - torch.where(qq > 0, xq * xq / qq.clamp_min(1e-300), torch.zeros_like(qq)))
-    score = torch.cat(scores, 1)
+    score = torch.empty(n_rows, codes.qmax, dtype=rows.dtype)
+    for k in range(1, codes.qmax + 1):  # one (rows, sample) slab at a time: fast, small
+        q = codes.project(x * (k / absmax)[:, None])
+        xq, qq = (x * q).sum(1), (q * q).sum(1)
+        score[:, k - 1] = xx - torch.where(qq > 0, xq * xq / qq.clamp_min(1e-300), torch.zeros_like(qq))
     # the sample's tolerance scales with its share of the row's energy
-    tied = score <= score.amin(1, keepdim=True) + tol[:, None] * (xx / (rows * rows).sum(1).clamp_min(1e-300))[:, None]
-    key = torch.where(tied, (ks - len(ks) - 1) / (len(ks) + 1), score)  # ties first (in (-1, 0)), by k
-    best = key.topk(min(SCREEN_KEEP, len(ks)), dim=1, largest=False).indices
+    tied = score <= score.amin(1, keepdim=True) + (tol * xx / (rows * rows).sum(1).clamp_min(1e-300))[:, None]
+    ks = torch.arange(1, codes.qmax + 1, dtype=rows.dtype)
+    key = torch.where(tied, (ks - codes.qmax - 1) / (codes.qmax + 1), score)  # ties first (in (-1, 0)), by k
+    best = key.topk(min(SCREEN_KEEP, codes.qmax), dim=1, largest=False).indices
     return [ks[best[:, j]] for j in range(best.shape[1])]
 
 
