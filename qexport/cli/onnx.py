@@ -55,7 +55,8 @@ def _data_opts(f):
 @click.option("--calib-batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--opset", type=click.IntRange(13, 25), default=None,
               help="ONNX opset to write (default: the lowest the graph needs). Below 25, 2-bit codes are stored as "
-                   "INT4; below 21, as INT8 (older onnxruntime reads them; the file is larger).")
+                   "INT4; below 21, as INT8 (older onnxruntime reads them; the file is larger). to-onnx prints the "
+                   "oldest onnxruntime that loads the file it wrote.")
 @click.option("--dequant", type=click.Choice(DEQUANT), default="cast", show_default=True,
               help="weights form: how codes become float weights. cast: Cast·α, folded by onnxruntime at load "
                    "(fp32 speed with default settings). dequantizelinear: DequantizeLinear nodes, for runtimes that "
@@ -70,7 +71,7 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
       qexport to-onnx digits-mlp-digits-ptq-4b.qx.safetensors --form weights -o digits-4b.onnx
       qexport to-onnx model.qx.safetensors --form qdq                    # calibrates on the artifact's data
       qexport to-onnx model.qx.safetensors --form qoperator --calibration percentile --calib-batches 32
-      qexport to-onnx model.qx.safetensors --form weights --opset 21     # onnxruntime >= 1.18
+      qexport to-onnx model.qx.safetensors --form weights --opset 13     # onnxruntime >= 1.6 (INT8 codes)
     """
     from qexport import api
     from qexport.artifact import load_artifact
@@ -87,10 +88,13 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
         data = _dataset(art, data_name, data_dir, seed)
     if dequant != "cast" and form != "weights":
         raise UserError(f"--dequant applies to --form weights only (form {form} runs integer kernels)")
-    api.to_onnx(art, out, form, data, opset, calibration, percentile, calib_batches, calib_batch_size,
-                progress=not quiet, dequant=dequant)
+    from qexport.onnx.compat import requirement
+
+    model = api.to_onnx(art, out, form, data, opset, calibration, percentile, calib_batches, calib_batch_size,
+                        progress=not quiet, dequant=dequant)
     click.echo(f"wrote {out} ({out.stat().st_size} bytes, form {form}, {art.bits_summary}); "
                f"check it with: qexport verify {out} --artifact {artifact}")
+    click.echo(requirement(model).describe())
     from qexport.onnx.runner import SATURATION_SAFE_CODE
 
     top = max((int(lc.q.abs().max()) for lc in art.layers.values()), default=0)

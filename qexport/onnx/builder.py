@@ -5,6 +5,7 @@ spelled), the activation quantization parameters' initializers, metadata, and th
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -116,13 +117,15 @@ class Builder:
     """Accumulates nodes and initializers; names are the caller's, checked for uniqueness.
 
     `opset` is the one the user asked for (None: the lowest the graph needs); emitters call
-    `need(v, why)` for what they use, and read `opset` to choose between alternatives."""
+    `need(v, why)` for what they use, and read `opset` to choose between alternatives. `floor`
+    holds what no alternative avoids: the lowest opset the graph can be written at (`--opset`)."""
 
     opset: int | None = None
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
     names: set = field(default_factory=set)
     needed: dict = field(default_factory=lambda: {MIN_OPSET: "QuantizeLinear/DequantizeLinear per channel"})
+    floor: dict = field(default_factory=lambda: {MIN_OPSET: "QuantizeLinear/DequantizeLinear per channel"})
     uses_ms: bool = False
     dequant: str = "cast"  # how float compute gets its weights from the codes: see `float_weight`
 
@@ -143,8 +146,11 @@ class Builder:
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, domain=domain or None, **attrs))
         return output
 
-    def need(self, opset: int, why: str) -> None:
+    def need(self, opset: int, why: str, lowest: int | None = None) -> None:
+        """The graph uses something of `opset`; `lowest`: the opset at which an alternative would
+        do (a wider weight type), when the builder has one."""
         self.needed.setdefault(opset, why)
+        self.floor.setdefault(opset if lowest is None else lowest, why)
 
     def allows(self, opset: int) -> bool:
         return self.opset is None or self.opset >= opset
@@ -152,9 +158,10 @@ class Builder:
 
 def narrowest_type(b: Builder, lc: LayerCodes) -> tuple[str, type]:
     """The smallest signed ONNX integer type holding every code of the layer that the opset allows."""
-    for name, dtype, qmax, opset in INT_TYPES:
-        if lc.codes.qmax <= qmax and b.allows(opset):
-            b.need(opset, f"{name} weights")
+    fits = [(name, dtype, opset) for name, dtype, qmax, opset in INT_TYPES if lc.codes.qmax <= qmax]
+    for name, dtype, opset in fits:
+        if b.allows(opset):
+            b.need(opset, f"{name} weights", lowest=min(o for _, _, o in fits))
             return name, dtype
     raise UserError(f"{lc.codes.describe()} codes need INT16 weights, which need opset 21: use --opset 21 or higher")
 
@@ -210,12 +217,24 @@ def qname(v: str) -> str:
 
 
 class QParamInits:
-    """One `<value>.scale` / `<value>.zero_point` initializer pair per quantized value."""
+    """One `<value>.scale` / `<value>.zero_point` initializer pair per quantized value.
 
-    def __init__(self, b: Builder, qp: dict):
+    A pass-through op's value (Flatten, MaxPool on uint8) shares its input's parameters
+    (`calibrate`), so it reads its source's pair rather than a copy of its own: otherwise the
+    source's pair could be left unread (a folded normalisation followed by Flatten, in QOperator
+    graphs), and onnxruntime warns at load about initializers no node consumes."""
+
+    def __init__(self, b: Builder, qp: dict, ops: Iterable[Op] = ()):
+        from qexport.ops import KINDS
+
         self.b, self.qp, self.dqs = b, qp, set()
+        self.source: dict[str, str] = {}  # pass-through value -> the value whose pair it reads
+        for op in ops:
+            if KINDS[op.kind].pass_through:
+                self.source[op.out] = self.source.get(op.inputs[0], op.inputs[0])
 
     def __call__(self, v: str) -> list[str]:
+        v = self.source.get(v, v)
         s, z = f"{qname(v)}.scale", f"{qname(v)}.zero_point"
         if s not in self.b.names:
             self.b.init(s, np.float32(self.qp[v].scale))
@@ -266,6 +285,22 @@ def metadata(art, form: str, extra: dict | None = None) -> dict[str, str]:
     return meta
 
 
+def unconsumed_initializers(graph) -> list[str]:
+    """Names of the graph's initializers that no node (in any subgraph) reads and that are not
+    graph outputs. qexport writes none: every emitter creates an initializer where a node reads it."""
+    read: set[str] = {o.name for o in graph.output}
+
+    def walk(g) -> None:
+        for n in g.node:
+            read.update(n.input)
+            for a in n.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(sub)
+
+    walk(graph)
+    return [t.name for t in graph.initializer if t.name not in read]
+
+
 def finish(b: Builder, input_shape: list[int], output_shape: list[int], meta: dict[str, str]):
     """The checked ModelProto: dynamic batch axis `batch`, the lowest opset what was emitted needs
     (or the one asked for, refused when too low), com.microsoft when used, metadata_props,
@@ -274,6 +309,7 @@ def finish(b: Builder, input_shape: list[int], output_shape: list[int], meta: di
     from onnx import TensorProto, helper
 
     import qexport
+    from qexport.onnx.compat import requirement
     from qexport.ops.base import INPUT, OUTPUT
 
     graph = helper.make_graph(
@@ -282,6 +318,9 @@ def finish(b: Builder, input_shape: list[int], output_shape: list[int], meta: di
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", *output_shape])],
         b.inits,
     )
+    unread = unconsumed_initializers(graph)
+    if unread:  # an emitter bug; onnxruntime would warn about each at load (see QParamInits)
+        raise AssertionError(f"qexport wrote initializers that no node reads: {', '.join(unread)}")
     need = max(b.needed)
     if b.opset is not None and b.opset < need:
         raise UserError(f"this graph needs opset {need} ({b.needed[need]}); --opset {b.opset} is too low")
@@ -290,7 +329,11 @@ def finish(b: Builder, input_shape: list[int], output_shape: list[int], meta: di
         opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
     model = helper.make_model(graph, opset_imports=opsets, producer_name="qexport", producer_version=qexport.__version__)
     model.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
-    helper.set_model_props(model, meta)
+    # provenance also says which runtimes load the file: the lowest opset the graph can be
+    # written at (what `--opset` may lower it to) and the oldest onnxruntime that loads it
+    needs = requirement(model, lowest_opset=max(b.floor)).onnxruntime
+    helper.set_model_props(model, {**meta, "qexport.min_opset": str(max(b.floor)),
+                                   **({"qexport.min_onnxruntime": needs} if needs else {})})
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:  # a bug in an emitter, not user input
