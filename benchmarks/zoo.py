@@ -1,0 +1,213 @@
+"""The torchvision and timm zoos through qexport, beside onnxruntime's own quantizer, in one run.
+
+Each model of benchmarks/zoo_models.py (3×64×64 input, 10 classes, seeded random weights) is
+calibrated on real Fashion-MNIST images (resized to 64×64, grey copied to 3 channels, scaled to
+[0, 1]); then, per model:
+
+- onnxruntime: the fp32 ONNX from torch.onnx.export, `quant_pre_process`, `quantize_static` in QDQ
+  and QOperator form (uint8 activations, int8 per-channel weights, MinMax): seconds per step and
+  top-1 agreement of each int8 graph with the PyTorch fp32 model on the test images;
+- qexport, per `--runs` entry (method:bits, per channel): `quantize` (or its refusal, one line),
+  then `to_onnx` and `verify` in every form: seconds, PASSED/FAILED (with the differing steps) and
+  top-1 agreement with the PyTorch fp32 model.
+
+Lines go to `--out` (JSON Lines, one per model, appended as they finish; a re-run skips the models
+already there) and a Markdown table is printed at the end (`--table` prints it from `--out` alone).
+
+    apt-get install dataset-fashion-mnist              # the calibration and test images
+    pip install torchvision==0.28.0 timm              # beside torch==2.13.0 (see zoo_models.py)
+    OMP_NUM_THREADS=2 python benchmarks/zoo.py --out runs/zoo.jsonl
+    python benchmarks/zoo.py --models resnet18,mobilenet_v3_small --runs ptq:8 --out runs/zoo-small.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from zoo_models import ZOO, build  # noqa: E402
+
+FORMS = ("weights", "qdq", "qoperator")
+
+
+def images(n_train: int, n_test: int, data_dir: str | None):
+    """(x_train, y_train, x_test, y_test): Fashion-MNIST at 3×64×64 in [0, 1]."""
+    from qadmm.data import load_dataset
+
+    d = load_dataset("fashion-mnist", data_dir, seed=0)
+
+    def prep(x):
+        x = torch.as_tensor(np.asarray(x[:], np.float32)) / 255.0
+        x = F.interpolate(x.reshape(-1, 1, 28, 28), size=(64, 64), mode="bilinear", align_corners=False)
+        return x.repeat(1, 3, 1, 1).numpy()
+
+    return prep(d.x_train[:n_train]), np.asarray(d.y_train[:n_train]), prep(d.x_test[:n_test]), np.asarray(d.y_test[:n_test])
+
+
+def agreement(session_or_model, x: np.ndarray, ref: np.ndarray) -> float:
+    """Top-1 agreement (%) of an onnxruntime session with the fp32 reference's predictions."""
+    out = np.concatenate([session_or_model.run(None, {session_or_model.get_inputs()[0].name: x[i:i + 64]})[0]
+                          for i in range(0, len(x), 64)])
+    return round(float((out.argmax(1) == ref.argmax(1)).mean() * 100), 2)
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def onnxruntime_steps(model, x_train, x_test, ref, tmp: Path) -> dict:
+    """torch.onnx.export → quant_pre_process → quantize_static (QDQ and QOperator)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    rec: dict = {}
+    fp32 = tmp / "fp32.onnx"
+    t = time.perf_counter()
+    try:
+        torch.onnx.export(model, (torch.as_tensor(x_test[:1]),), str(fp32), dynamo=False, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17)
+    except Exception as e:  # the exporter's own refusal, recorded as the step's result
+        return {"export": {"ok": False, "error": first_line(e)}}
+    rec["export"] = {"ok": True, "seconds": round(time.perf_counter() - t, 2), "agreement": agreement(session(fp32), x_test, ref)}
+    pre = tmp / "fp32.pre.onnx"
+    t = time.perf_counter()
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    pre_seconds = time.perf_counter() - t
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": x_train[i:i + 64]} for i in range(0, len(x_train), 64)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    for fmt in ("qdq", "qoperator"):
+        out = tmp / f"ort-{fmt}.onnx"
+        t = time.perf_counter()
+        try:
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            seconds = round(time.perf_counter() - t + pre_seconds, 2)
+            rec[fmt] = {"ok": True, "seconds": seconds, "agreement": agreement(session(out), x_test, ref)}
+        except Exception as e:  # a file onnxruntime writes but cannot load counts as a failure of its pipeline
+            rec[fmt] = {"ok": False, "error": first_line(e)}
+    return rec
+
+
+def qexport_steps(model, data, method: str, bits: int, calib: int, x_test, ref, tmp: Path) -> dict:
+    """quantize → to_onnx → verify in every form."""
+    from qadmm.errors import UserError
+    from qexport import api
+
+    t = time.perf_counter()
+    try:
+        art = api.quantize(model, data, method, bits, per_channel=True, calib_samples=calib)
+    except UserError as e:
+        return {"quantize": {"ok": False, "error": str(e)}}
+    rec = {"quantize": {"ok": True, "seconds": round(time.perf_counter() - t, 2)}}
+    for form in FORMS:
+        path = tmp / f"{method}{bits}-{form}.onnx"
+        t = time.perf_counter()
+        try:
+            api.to_onnx(art, path, form, data if form != "weights" else None)
+            export_s = time.perf_counter() - t
+            t = time.perf_counter()
+            report = api.verify(path, art, data, max_samples=len(x_test))
+            runs = report.get("runs", {})
+            rec[form] = {"ok": True, "export_seconds": round(export_s, 2), "verify_seconds": round(time.perf_counter() - t, 2),
+                         "passed": report["passed"], "agreement": agreement(session(path), x_test, ref),
+                         "runs": {k: {kk: v[kk] for kk in ("passed", "max_steps", "max_rel", "agreement") if kk in v}
+                                  for k, v in runs.items()}}
+        except UserError as e:
+            rec[form] = {"ok": False, "error": str(e)}
+    return rec
+
+
+def cell(r: dict | None, key: str = "seconds") -> str:
+    if r is None:
+        return ""
+    if not r.get("ok"):
+        return "✘ " + r.get("error", "")[:80].replace("|", "/")
+    if "passed" in r:
+        return f"{'✔' if r['passed'] else '**FAILED**'} {r['agreement']}%"
+    return f"✔ {r.get(key, '')} s" + (f", {r['agreement']}%" if "agreement" in r else "")
+
+
+def table(lines: list[dict]) -> str:
+    runs = sorted({k for rec in lines for k in rec["qexport"]})
+    head = ["model", "ort export", "ort qdq", "ort qoperator"]
+    for run in runs:
+        head += [f"{run} quantize", *(f"{run} {f}" for f in FORMS)]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rec in lines:
+        o = rec["onnxruntime"]
+        row = [rec["model"], cell(o.get("export")), cell(o.get("qdq")), cell(o.get("qoperator"))]
+        for run in runs:
+            q = rec["qexport"].get(run, {})
+            row += [cell(q.get("quantize")), *(cell(q.get(f)) for f in FORMS)]
+        out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(ZOO), help="comma-separated names of zoo_models.ZOO")
+    ap.add_argument("--runs", default="ptq:8,gptq:4", help="qexport method:bits pairs, per channel")
+    ap.add_argument("--calib", type=int, default=512, help="calibration images")
+    ap.add_argument("--test", type=int, default=500, help="test images (agreement, verify)")
+    ap.add_argument("--data-dir", default=None, help="where fashion-mnist/ is (default: the Debian package's folder)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "zoo.jsonl")
+    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    args = ap.parse_args()
+    done = [json.loads(s) for s in args.out.read_text().splitlines() if s.strip()] if args.out.is_file() else []
+    if args.table:
+        print(table(done))
+        return
+    from qexport import api
+
+    x_train, y_train, x_test, y_test = images(args.calib + 64, args.test, args.data_dir)
+    data = api.as_dataset((x_train, y_train, x_test, y_test))
+    runs = [(m, int(b)) for m, b in (r.split(":") for r in args.runs.split(","))]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.models.split(","):
+        if any(d["model"] == name for d in done):
+            continue
+        print(f"== {name}", file=sys.stderr, flush=True)
+        model = build(name)
+        with torch.no_grad():
+            ref = torch.cat([model(torch.as_tensor(x_test[i:i + 64])) for i in range(0, len(x_test), 64)]).numpy()
+        rec = {"model": name, "params": sum(p.numel() for p in model.parameters()), "onnxruntime": {}, "qexport": {}}
+        with tempfile.TemporaryDirectory() as tmp:
+            rec["onnxruntime"] = onnxruntime_steps(model, x_train, x_test, ref, Path(tmp))
+            for method, bits in runs:
+                rec["qexport"][f"{method} {bits}b"] = qexport_steps(model, data, method, bits, args.calib, x_test, ref, Path(tmp))
+        print(json.dumps(rec), file=sys.stderr)
+        with args.out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        done.append(rec)
+    print(table(done))
+
+
+if __name__ == "__main__":
+    main()

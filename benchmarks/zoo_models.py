@@ -1,0 +1,107 @@
+"""The models practitioners bring: torchvision's classifiers and timm's, built for a 3×64×64 input
+and 10 classes with seeded random weights (benchmark and test code only: the package itself never
+imports torchvision or timm).
+
+torchvision 0.28.0 is the release that matches torch 2.13.0, but the package index serves a CUDA
+build of it; with the CPU torch its C extension does not load, and `import torchvision` then fails
+in `torchvision/_meta_registrations.py` ("operator torchvision::nms does not exist"). Declaring the
+two operator schemas first (what the C extension would have registered) lets the import and every
+classification model work; detection ops (nms itself) stay unavailable, and nothing here needs them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+_SHIM: list = []  # the torch.library.Library object must outlive the import that needed it
+
+
+def import_torchvision():
+    """torchvision, importable with the CPU build of torch (see the module docstring); None if absent."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("torchvision") is None:
+            return None
+    except ValueError:
+        return None
+    if not _SHIM:
+        try:
+            torch.ops.torchvision.nms  # the real extension is loaded: nothing to declare
+        except (AttributeError, RuntimeError):
+            lib = torch.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
+            _SHIM.append(lib)
+    import torchvision
+
+    return torchvision
+
+
+def _torchvision(name: str, **kw) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        tv = import_torchvision()
+        return getattr(tv.models, name)(weights=None, num_classes=10, **kw)
+
+    return make
+
+
+def _small_vit() -> nn.Module:
+    import_torchvision()
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=64, patch_size=8, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=256,
+                             num_classes=10)
+
+
+def _small_swin() -> nn.Module:
+    import_torchvision()
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=48, depths=[2, 2], num_heads=[3, 6], window_size=[4, 4],
+                           stochastic_depth_prob=0.1, num_classes=10)
+
+
+def _timm(name: str, **kw) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10, **kw)
+
+    return make
+
+
+# name -> factory; every model takes (N, 3, 64, 64) and returns (N, 10)
+ZOO: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": _torchvision("resnet18"),
+    "mobilenet_v2": _torchvision("mobilenet_v2"),
+    "mobilenet_v3_small": _torchvision("mobilenet_v3_small"),
+    "efficientnet_b0": _torchvision("efficientnet_b0"),
+    "squeezenet1_1": _torchvision("squeezenet1_1"),
+    "shufflenet_v2_x0_5": _torchvision("shufflenet_v2_x0_5"),
+    "mnasnet0_5": _torchvision("mnasnet0_5"),
+    "regnet_x_400mf": _torchvision("regnet_x_400mf"),
+    "densenet121": _torchvision("densenet121"),
+    "googlenet": _torchvision("googlenet", aux_logits=False, init_weights=True),
+    "convnext_tiny": _torchvision("convnext_tiny"),
+    "swin (small config)": _small_swin,
+    "vit (4 layers, 128 wide)": _small_vit,
+    "timm resnet18": _timm("resnet18"),
+    "timm deit_tiny": _timm("deit_tiny_patch16_224", img_size=64),
+    "timm mobilevit_xxs": _timm("mobilevit_xxs"),
+}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """Model `name` with weights drawn from `seed`, in eval mode; BatchNorm statistics made
+    non-trivial (random running mean/var) so folding and re-estimation have something to do."""
+    torch.manual_seed(seed)
+    model = ZOO[name]().eval()
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
