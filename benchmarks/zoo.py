@@ -2,7 +2,8 @@
 
 Each model of benchmarks/zoo_models.py (3×64×64 input, 10 classes, seeded random weights) is
 calibrated on real Fashion-MNIST images (resized to 64×64, grey copied to 3 channels, scaled to
-[0, 1]); then, per model:
+[0, 1]; BatchNorm's running statistics are those of 256 of the training images, as a trained
+network's would be); then, per model:
 
 - onnxruntime: the fp32 ONNX from torch.onnx.export, `quant_pre_process`, `quantize_static` in QDQ
   and QOperator form (uint8 activations, int8 per-channel weights, MinMax): seconds per step and
@@ -137,7 +138,8 @@ def qexport_steps(model, data, method: str, bits: int, calib: int, x_test, ref, 
             runs = report.get("runs", {})
             rec[form] = {"ok": True, "export_seconds": round(export_s, 2), "verify_seconds": round(time.perf_counter() - t, 2),
                          "passed": report["passed"], "agreement": agreement(session(path), x_test, ref),
-                         "runs": {k: {kk: v[kk] for kk in ("passed", "max_steps", "max_rel", "agreement") if kk in v}
+                         "runs": {k: {kk: v[kk] for kk in ("passed", "max_steps", "max_steps_layerwise", "rel_error", "rel_allowed",
+                                                          "top1_agreement") if kk in v}
                                   for k, v in runs.items()}}
         except UserError as e:
             rec[form] = {"ok": False, "error": str(e)}
@@ -194,7 +196,7 @@ def main() -> None:
         if any(d["model"] == name for d in done):
             continue
         print(f"== {name}", file=sys.stderr, flush=True)
-        model = build(name)
+        model = build(name, x=torch.as_tensor(x_train[:256]))
         with torch.no_grad():
             ref = torch.cat([model(torch.as_tensor(x_test[i:i + 64])) for i in range(0, len(x_test), 64)]).numpy()
         rec = {"model": name, "params": sum(p.numel() for p in model.parameters()), "onnxruntime": {}, "qexport": {}}

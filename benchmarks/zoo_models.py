@@ -94,14 +94,23 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def build(name: str, seed: int = 0) -> nn.Module:
-    """Model `name` with weights drawn from `seed`, in eval mode; BatchNorm statistics made
-    non-trivial (random running mean/var) so folding and re-estimation have something to do."""
+def build(name: str, seed: int = 0, x: torch.Tensor | None = None) -> nn.Module:
+    """Model `name` with weights drawn from `seed`, in eval mode. With images `x`, BatchNorm's
+    running statistics are those of `x` (one pass in train mode, cumulative average), as a trained
+    network's would be of its data: then BatchNorm re-estimation on the same kind of images changes
+    little, and agreement with the float model measures the quantization, not the statistics."""
     torch.manual_seed(seed)
     model = ZOO[name]().eval()
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    if x is not None:
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for i in range(0, len(x), 64):
+                model(x[i:i + 64])
+        for m in bns:
+            m.momentum = 0.1
+            m.eval()
     return model

@@ -184,3 +184,101 @@ def test_qlinearadd_reference_equals_onnxruntime_on_every_input_pair():
         p = [QParams(s[i], z[i]) for i in range(3)]
         ours = qadd(torch.from_numpy(a.astype(np.int64)), p[0], torch.from_numpy(b.astype(np.int64)), p[1], p[2])
         assert np.array_equal(ours.numpy().astype(np.uint8), got), (s, z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each (form, session mode) against the reference that describes what onnxruntime runs.
+
+@pytest.fixture(scope="module")
+def resnet_qdq(tmp_path_factory, digits):
+    """A random ResNet-20 (BatchNorm, residual adds) at 8 bits per channel and its qdq file."""
+    from test_onnx_export import make_artifact, random_resnet
+
+    from qexport.onnx.calibrate import CalibConfig
+    from qexport.onnx.export import export_onnx
+
+    art = make_artifact(tmp_path_factory.mktemp("r"), random_resnet(digits), digits, 8, per_channel=True, name="resnet20")
+    return art, export_onnx(art, "qdq", digits.x_train, CalibConfig(num_batches=4))
+
+
+def _tie_carried_on(art, model, x, layer: int, bump: int):
+    """What onnxruntime would hold if layer `layer` had landed `bump` steps off on one value and
+    every later layer had computed exactly on what it received: the reference pipeline, run op by
+    op from the bumped value on (the way an unfused qdq graph carries a rounding tie)."""
+    import torch
+
+    from qexport.graph import fuse
+    from qexport.onnx.builder import qname
+    from qexport.onnx.verify import integer_op, read_qparams
+    from qexport.ops import KINDS
+    from qexport.ops.base import INPUT, Ctx
+    from qexport.onnx.integer import to_uint8
+
+    ops = fuse(art.graph)
+    qp = read_qparams(model, ops)
+    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes)
+    xt = torch.as_tensor(x)
+    vals = {INPUT: to_uint8(xt, qp[INPUT]).to(torch.int64)} if INPUT in qp else {}
+    for k, op in enumerate(ops):
+        y = integer_op(ctx, op, [] if KINDS[op.kind].float_input else [vals[i] for i in op.inputs], xt, qp)
+        if k == layer:
+            y = y.clone()
+            flat = y.view(-1)
+            i = int(torch.nonzero(flat < 255 - bump)[0])
+            flat[i] += bump
+        vals[op.out] = y
+    got = {qname(v): t.numpy().astype(np.uint8) for v, t in vals.items()}
+    return ops, qp, xt, got
+
+
+@pytest.mark.parametrize("bump,passes", [(1, True), (2, False)])
+def test_unfused_qdq_is_judged_layer_by_layer(resnet_qdq, digits, bump, passes):
+    """A one-step tie in one layer, carried on by the later layers, is within tolerance at that
+    layer and nowhere else; two steps are not. (The output may then differ by more than a step:
+    with optimisations off onnxruntime runs every layer in fp32, where ties land differently.)"""
+    from qexport.onnx.verify import layerwise_steps
+
+    art, model = resnet_qdq
+    from qexport.graph import fuse
+
+    convs = [k for k, op in enumerate(fuse(art.graph)) if op.kind == "conv"]
+    ops, qp, xt, got = _tie_carried_on(art, model, digits.x_test[:32].astype(np.float32), convs[3], bump)
+    steps = {r["layer"]: r["max_steps"] for r in layerwise_steps(art, ops, qp, xt, got)}
+    bumped = ops[convs[3]].name
+    assert steps[bumped] == bump
+    assert all(v == 0 for k, v in steps.items() if k != bumped), steps
+    assert (max(steps.values()) <= 1) == passes
+
+
+def test_unfused_qdq_input_stage_is_the_references(resnet_qdq, digits):
+    """The raw input is quantized by the reference, not taken from onnxruntime: a graph that
+    quantizes it wrongly (e.g. without the normalisation) is caught at the first stage."""
+    from qexport.onnx.builder import qname
+    from qexport.onnx.verify import layerwise_steps
+    from qexport.ops.base import INPUT
+
+    art, model = resnet_qdq
+    ops, qp, xt, got = _tie_carried_on(art, model, digits.x_test[:32].astype(np.float32), 0, 0)
+    first = qname(INPUT) if qname(INPUT) in got else qname(ops[0].out)  # the normalisation folded into it
+    got[first] = np.clip(got[first].astype(np.int64) + 3, 0, 255).astype(np.uint8)
+    rec = layerwise_steps(art, ops, qp, xt, got)[0]
+    assert rec["tensor"] == first and rec["max_steps"] == 3
+
+
+def test_each_run_says_what_it_was_judged_against(resnet_qdq, digits):
+    from qexport.onnx.export import export_onnx
+    from qexport.onnx.verify import verify
+
+    art, model = resnet_qdq
+    x, y = digits.x_test[:N_TEST], digits.y_test[:N_TEST]
+    rep = verify("q", art, x, y, model=model)
+    assert rep["passed"]
+    off, on = rep["runs"]["optimizations_off"], rep["runs"]["optimizations_all"]
+    assert off["reference"].startswith("per layer") and off["max_steps_layerwise"] <= 1
+    assert on["reference"] == "the integer reference, end to end" and on["max_steps"] <= 1
+    rep = verify("w", art, x, y, model=export_onnx(art, "weights"))
+    assert rep["passed"]
+    for r in rep["runs"].values():
+        assert r["reference"].startswith("the graph in float64")
+        # the allowance is PyTorch's own fp32 error on this model (8x), and never below --rel-tol
+        assert r["rel_allowed"] == max(1e-5, 8 * r["rel_error_pytorch_fp32"]) and r["rel_error"] <= r["rel_allowed"]

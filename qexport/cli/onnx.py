@@ -111,8 +111,11 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
 @_data_opts
 @click.option("--max-samples", type=click.IntRange(1), default=None, help="Use the first N test samples (default: all).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
-@click.option("--rel-tol", type=Finite(0), default=1e-5, show_default=True, help="weights: max |Δ| / max |reference|.")
-@click.option("--step-tol", type=Finite(0), default=1.0, show_default=True, help="qdq/qoperator: max |Δ| in output steps.")
+@click.option("--rel-tol", type=Finite(0), default=1e-5, show_default=True,
+              help="weights: max |Δ| / max |float64 reference| always allowed; more where PyTorch's own fp32 "
+                   "error on the model is larger (8× it).")
+@click.option("--step-tol", type=Finite(0), default=1.0, show_default=True,
+              help="qdq/qoperator: max |Δ| in output steps (qdq with optimisations off: per layer).")
 @click.option("--min-agreement", type=Finite(0, 100), default=None, help="Top-1 agreement in %% (default 100 for weights, 99.9 otherwise).")
 def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report, rel_tol, step_tol, min_agreement):
     """Check onnxruntime against the exact PyTorch reference of the artifact; exit 1 on failure.
@@ -162,11 +165,20 @@ def format_report(rep: dict) -> str:
     if acc["reference"] is not None:
         lines.append(f"  accuracy: reference {acc['reference']:.2f}%  (float activations: {acc['fake_quant_float_activations']:.2f}%)")
     for key, r in rep["runs"].items():
-        err = f"max {r['max_steps']:g} steps, mean {r['mean_steps']:.4f}" if "max_steps" in r else f"rel {r['rel_error']:.2e}, max |Δ| {r['max_abs']:.3g}"
+        if "max_steps_layerwise" in r:
+            err = (f"per layer max {r['max_steps_layerwise']:g} steps (allowed {r['max_steps_allowed']:g}); "
+                   f"output max {r['max_steps']:g} steps (not judged: ties carried on)")
+        elif "max_steps" in r:
+            err = f"max {r['max_steps']:g} steps, mean {r['mean_steps']:.4f}"
+        else:
+            err = (f"rel {r['rel_error']:.2e} (allowed {r['rel_allowed']:.1e}; PyTorch's fp32: "
+                   f"{r['rel_error_pytorch_fp32']:.1e}), max |Δ| {r['max_abs']:.3g}")
         verdict = "PASS" if r["passed"] else ("not judged" if key == "ort_defaults" or r.get("judged") is False else "FAIL")
         a = f"{r['accuracy']:.2f}%" if r["accuracy"] is not None else "-"
         cfg = " ".join(f"{k}={v}" for k, v in r["session_config"].items()) or ("default session settings" if r["level"] == "all" else "")
         lines.append(f"  {key:18s} {verdict:10s} acc {a:8s} agree {r['top1_agreement']:.2f}%  {err}" + (f"  [{cfg}]" if cfg else ""))
+        if r.get("reference"):
+            lines.append(f"    against: {r['reference']}")
         fd = r.get("first_divergence")
         if fd and fd.get("layer"):
             lines.append(f"    first layer out of tolerance: {fd['layer']} (tensor {fd['tensor']}): "
