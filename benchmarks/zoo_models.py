@@ -87,7 +87,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "googlenet": _torchvision("googlenet", aux_logits=False, init_weights=True),
     "convnext_tiny": _torchvision("convnext_tiny"),
     "swin (small config)": _small_swin,
-    "vit (4 layers, 128 wide)": _small_vit,
+    "vit (4 layers x 128 wide)": _small_vit,
     "timm resnet18": _timm("resnet18"),
     "timm deit_tiny": _timm("deit_tiny_patch16_224", img_size=64),
     "timm mobilevit_xxs": _timm("mobilevit_xxs"),
