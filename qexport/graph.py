@@ -20,7 +20,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qadmm.errors import BadFile, UserError
-from qexport.ops import IDENTITY_FUNCTIONS, IDENTITY_METHODS, IDENTITY_MODULES, KINDS, kind_of_call, kind_of_module
+from qexport.ops import IDENTITY_FUNCTIONS, IDENTITY_METHODS, IDENTITY_MODULES, KINDS, is_identity_call, kind_of_call, \
+    kind_of_module
 from qexport.ops.base import INPUT, OUTPUT, Op, Unsupported
 
 BATCH = "batch"  # marks x.size(0) / x.shape[0] in a traced call's arguments
@@ -180,7 +181,8 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Graph:
             ins = [value(node.args[0], node)]
             name = target
         else:
-            if node.op == "call_function" and any(target is f for f in IDENTITY_FUNCTIONS) \
+            if node.op == "call_function" and (any(target is f for f in IDENTITY_FUNCTIONS)
+                                               or is_identity_call(target, node.args, node.kwargs)) \
                     or node.op == "call_method" and target in IDENTITY_METHODS:
                 alias[node.name] = value(node.args[0], node)
                 continue

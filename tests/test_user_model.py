@@ -47,6 +47,43 @@ class Seq1d(nn.Module):
         return self.fc(x.view(x.size(0), -1))
 
 
+def stochastic_depth(x, p: float, mode: str, training: bool = True):
+    """torchvision.ops.stochastic_depth's signature and place (module `torchvision.ops.stochastic_depth`,
+    wrapped as a leaf for torch.fx), so the test needs no torchvision: the identity in eval mode."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty([x.shape[0]] + [1] * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+torch.fx.wrap("stochastic_depth")
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3/EfficientNet's pieces: a squeeze-excitation gate through Hardsigmoid (a
+    (N, C, 1, 1) scale times the (N, C, H, W) map), stochastic depth on the residual branch, and
+    the head's `x.mean([2, 3])`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.gate = nn.Hardsigmoid()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        s = self.gate(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        x = x + stochastic_depth(x * s, 0.2, "row", self.training)
+        return self.fc(x.mean([2, 3]))
+
+
+class MeanKeep(nn.Module):
+    def forward(self, x):
+        return torch.mean(x, (2, 3), keepdim=True)
+
+
 def head(act: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 24), act, nn.Dropout(0.1), nn.Linear(24, 10))
 
@@ -66,6 +103,8 @@ OP_MODELS = {
     "gelu": lambda: head(nn.GELU()),
     "gelu-tanh": lambda: head(nn.GELU(approximate="tanh")),
     "hardswish": lambda: head(nn.Hardswish()),
+    "hardsigmoid-se-mean-stochastic_depth": SqueezeExcite,
+    "mean-keepdim": lambda: nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), MeanKeep(), nn.Flatten(), nn.Linear(6, 10)),
     "hardtanh": lambda: head(nn.Hardtanh(-2, 2)),
     "layernorm": lambda: head(nn.LayerNorm(24)),
     "log_softmax": lambda: nn.Sequential(head(nn.ReLU()), nn.LogSoftmax(dim=1)),
@@ -126,6 +165,11 @@ class ParamInForward(nn.Module):
         return self.fc(torch.flatten(x, 1)) * self.scale
 
 
+class MeanChannels(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
 class TwoOutputs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -146,6 +190,8 @@ REFUSALS = [
     (ParamInForward, r"scale \(a parameter or buffer used directly in forward\)"),
     (TwoOutputs, r"returns more than one tensor"),
     (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmax()), r"softmax without dim="),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), MeanChannels(), nn.Flatten(), nn.Linear(36, 10)),
+     r"a mean over axes \[1\] of a rank-4 tensor"),
 ]
 
 

@@ -9,18 +9,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qexport.ops import activation, add, avgpool, batchnorm, concat, conv, flatten, layernorm, linear, maxpool, mul, \
-    normalize, relu, reshape, softmax
+from qexport.ops import activation, add, avgpool, batchnorm, concat, conv, flatten, layernorm, linear, maxpool, mean, \
+    mul, normalize, relu, reshape, softmax
 from qexport.ops.base import Kind
 
 _ALL: list[Kind] = [normalize.KIND, linear.KIND, conv.KIND, batchnorm.KIND, relu.KIND, *activation.KINDS, maxpool.KIND,
-                    avgpool.KIND, flatten.KIND, reshape.KIND, add.KIND, mul.KIND, concat.KIND, layernorm.KIND,
+                    avgpool.KIND, mean.KIND, flatten.KIND, reshape.KIND, add.KIND, mul.KIND, concat.KIND, layernorm.KIND,
                     softmax.KIND]
 KINDS: dict[str, Kind] = {k.name: k for k in _ALL}
 
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 IDENTITY_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout)
 IDENTITY_METHODS = ("contiguous",)
+
+
+def is_identity_call(target, args: tuple, kwargs: dict) -> bool:
+    """A call that is the identity in eval mode though not a registered function: torchvision's
+    `stochastic_depth(x, p, mode, training=False)` (EfficientNet, ConvNeXt, Swin), recognised by its
+    module and name so qexport never imports torchvision."""
+    if getattr(target, "__name__", "") == "stochastic_depth" and \
+            getattr(target, "__module__", "").startswith("torchvision.ops"):
+        training = args[3] if len(args) > 3 else kwargs.get("training", True)
+        return training is False
+    return False
 
 
 def kind_of_module(m: nn.Module) -> Kind | None:

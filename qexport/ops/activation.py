@@ -1,5 +1,5 @@
 """Elementwise float activations: ReLU6, Hardtanh, LeakyReLU, Sigmoid, Tanh, SiLU, GELU (exact
-and tanh), Hardswish. Integer graphs run them as float islands (DequantizeLinear -> op ->
+and tanh), Hardswish, Hardsigmoid. Integer graphs run them as float islands (DequantizeLinear -> op ->
 QuantizeLinear); each is one `Activation` below: its modules/functions, attributes, PyTorch
 function and ONNX nodes. GELU and SiLU are written with Erf/Tanh/Sigmoid so any opset >= 13 reads
 them (onnxruntime fuses the patterns back)."""
@@ -66,6 +66,14 @@ def _gelu(ctx: Ctx, op: Op, x: str, out: str) -> str:
     return b.node("Mul", [b.node("Mul", [x, half], f"{out}.hx"), b.node("Add", [t, one], f"{out}.1pt")], out)
 
 
+def _hardsigmoid(ctx: Ctx, op: Op, x: str, out: str) -> str:
+    """min(max(x + 3, 0), 6) / 6, PyTorch's own formula (ONNX HardSigmoid's α·x + β rounds otherwise)."""
+    b = ctx.b
+    shifted = b.node("Add", [x, b.init(f"{out}.three", np.float32(3.0))], f"{out}.shift")
+    clipped = b.node("Clip", [shifted, b.init(f"{out}.zero", np.float32(0.0)), b.init(f"{out}.six", np.float32(6.0))], f"{out}.clip")
+    return b.node("Div", [clipped, b.init(f"{out}.six_div", np.float32(6.0))], out)
+
+
 def _hardtanh_attrs(lo: float, hi: float) -> Callable[[tuple, dict], dict]:
     return lambda args, kwargs: {"min_val": float(arg(args, kwargs, 1, "min_val", lo)),
                                  "max_val": float(arg(args, kwargs, 2, "max_val", hi))}
@@ -100,4 +108,5 @@ KINDS = [
                F.gelu, _gelu),
     Activation("hardswish", (nn.Hardswish,), (F.hardswish,), (), fn=F.hardswish,
                emit=lambda ctx, op, x, out: ctx.b.node("HardSwish", [x], out), min_opset=14),
+    Activation("hardsigmoid", (nn.Hardsigmoid,), (F.hardsigmoid,), (), fn=F.hardsigmoid, emit=_hardsigmoid, nonnegative=True),
 ]
