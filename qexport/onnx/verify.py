@@ -117,16 +117,15 @@ def layerwise_steps(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor,
     return out
 
 
-@torch.no_grad()
-def float64_output(art, x: torch.Tensor) -> torch.Tensor:
-    """The `weights` graph's output computed in float64 from the same fp32 weights (α·Q, folded
-    BatchNorm parameters): the exact value fp32 arithmetic approximates, in any summation order."""
+def float64_ops(art) -> list[Op]:
+    """The `weights` graph's ops in float64, on a copy of the same fp32 weights (α·Q, folded
+    BatchNorm parameters): they compute the exact value fp32 arithmetic approximates, in any
+    summation order (`evaluate(ops, x.double())`)."""
     import copy
 
     from qexport.graph import bind
 
-    model = copy.deepcopy(art.model).double()
-    return evaluate(fuse(bind(art.graph, model)), x.double())[OUTPUT]
+    return fuse(bind(art.graph, copy.deepcopy(art.model).double()))
 
 
 def float_reference(ops: list[Op], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -295,7 +294,9 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
     ref = np.concatenate(refs)
     step = float(qp[OUTPUT].scale) if integer else None
     if not integer:  # the float64 truth, and what fp32 arithmetic itself costs against it
-        ref64 = np.concatenate([float64_output(art, xt[i:i + batch_size]).numpy() for i in range(0, len(xt), batch_size)])
+        ops64 = float64_ops(art)
+        ref64 = np.concatenate([evaluate(ops64, xt[i:i + batch_size].double())[OUTPUT].numpy()
+                                for i in range(0, len(xt), batch_size)])
         scale64 = max(float(np.abs(ref64).max()), 1e-30)
         rel_torch = float(np.abs(ref.astype(np.float64) - ref64).max() / scale64)
         rel_allowed = max(tol.rel, tol.rel_factor * rel_torch)
