@@ -236,8 +236,10 @@ def pack_tensors(model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str
     the quantized weights), codes and scales, and `meta` with the graph and per-layer code sets."""
     tensors: dict[str, torch.Tensor] = {}
     state = model.state_dict()
+    state = {**graph.constants, **state}
     used = GraphModel(graph).state_dict()
-    layers = {name: lc for name, lc in layers.items() if f"{name}.weight" in used}
+    linear = {op.name for op in graph.ops if op.kind in QUANTIZED_KINDS}  # a weight an `aten` op reads stays float
+    layers = {name: lc for name, lc in layers.items() if name in linear}
     quantized_weights = {f"{name}.weight" for name in layers}
     for name in used:
         if name not in state:

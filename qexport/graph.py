@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from qadmm.errors import BadFile, UserError
 from qexport.ops import IDENTITY_FUNCTIONS, IDENTITY_METHODS, IDENTITY_MODULES, KINDS, is_identity_call, kind_of_call, \
     kind_of_module
+from qexport.ops.aten import const_specs
 from qexport.ops.base import INPUT, OUTPUT, Op, Unsupported
 
 BATCH = "batch"  # marks x.size(0) / x.shape[0] in a traced call's arguments
@@ -33,6 +34,8 @@ class Graph:
     ops: list[Op]
     input_shape: list[int]
     shapes: dict[str, list[int]] = field(default_factory=dict)  # value -> shape without the batch axis
+    # tensors a torch.export capture computed once (`folded.<node>`), saved with the model's own
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"ops": [op.to_json() for op in self.ops], "input_shape": list(self.input_shape),
@@ -60,6 +63,10 @@ class Graph:
                 raise bad(f"op {name} reads {ins!r} before they are computed")
             if not isinstance(o.get("attrs", {}), dict):
                 raise bad(f"op {name} attributes")
+            try:
+                KINDS[o["kind"]].check_stored(o.get("attrs", {}))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise bad(f"op {name}: {e}") from None
             defined.add(out)
             ops.append(Op(o["kind"], name, list(ins), out, dict(o.get("attrs", {}))))
         if OUTPUT not in defined:
@@ -98,8 +105,23 @@ def _fn_name(target: Any) -> str:
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Graph:
-    """The model as a `Graph` of registered op kinds, or a UserError naming the first op that is
-    not supported and where it is in the model's code (checked before any quantization work)."""
+    """The model as a `Graph`: traced with torch.fx into registered op kinds, or, where fx cannot
+    (shape arithmetic, control flow, an op without a kind), captured with torch.export
+    (`qexport.capture`); a UserError naming what neither can take (before any quantization work)."""
+    try:
+        return fx_trace(model, input_shape)
+    except UserError as fx_error:
+        from qexport.capture import capture
+
+        try:
+            return capture(model, input_shape)
+        except UserError as e:
+            raise UserError(f"{e} (torch.fx: {fx_error})") from None
+
+
+def fx_trace(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Graph:
+    """The model traced with torch.fx into registered op kinds, or a UserError naming the first op
+    that is not supported and where it is in the model's code."""
     supported = ", ".join(sorted(KINDS))
     try:
         fx_graph = _Tracer().trace(model)
@@ -223,13 +245,28 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Graph:
 
 
 def bind(graph: Graph, model: nn.Module) -> Graph:
-    """The graph's ops with their modules looked up in `model` (a copy; the graph is unchanged)."""
+    """The graph's ops with their modules (and an `aten` op's constants) looked up in `model`, a
+    constant the model lacks in `graph.constants` (a copy; the graph is unchanged)."""
     ops = []
     for op in graph.ops:
         o = copy.copy(op)
         o.module = model.get_submodule(op.name) if KINDS[op.kind].parametric else None
+        if op.attrs.get("consts"):
+            o.consts = [_tensor_at(model, n, graph) for n, _, _ in op.attrs["consts"]]
         ops.append(o)
-    return Graph(ops, graph.input_shape, graph.shapes)
+    return Graph(ops, graph.input_shape, graph.shapes, graph.constants)
+
+
+def _tensor_at(model: nn.Module, name: str, graph: Graph) -> torch.Tensor:
+    *path, leaf = name.split(".")
+    try:
+        owner = model.get_submodule(".".join(path))
+        t = getattr(owner, leaf)
+        if isinstance(t, torch.Tensor):
+            return t
+    except AttributeError:
+        pass
+    return graph.constants[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +292,14 @@ class GraphModel(nn.Module):
         for op in graph.ops:
             if KINDS[op.kind].parametric:
                 _place(self, op.name, KINDS[op.kind].build(op.attrs))
-        self.graph = bind(graph, self)
+        for op in graph.ops:  # an `aten` op's constants, as buffers at their names in the user's model
+            for name, shape, dtype in const_specs(op.attrs):
+                *path, leaf = name.split(".")
+                _place(self, ".".join(path), nn.Module()) if path else None
+                owner = self.get_submodule(".".join(path))
+                if not hasattr(owner, leaf):
+                    owner.register_buffer(leaf, torch.zeros(shape, dtype=dtype))
+        self.graph = bind(Graph(graph.ops, graph.input_shape, graph.shapes), self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vals = {INPUT: x}

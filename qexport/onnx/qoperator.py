@@ -37,7 +37,7 @@ def start_integer_graph(art, ops: list[Op], qp: dict, opset: int | None) -> Ctx:
     """What both integer forms begin with: refuse codes beyond int8, quantize the raw input if read."""
     check_int8(art)
     b = Builder(opset)
-    ctx = Ctx(b, art.layers, qp, QParamInits(b, qp, ops), art.graph.shapes)
+    ctx = Ctx(b, art.layers, qp, QParamInits(b, qp, ops), art.graph.shapes, ops=ops, input_shape=art.graph.input_shape)
     if reads_input(ops):
         b.node("QuantizeLinear", [INPUT, *ctx.qpi(INPUT)], qname(INPUT))
     return ctx

@@ -28,7 +28,10 @@ def emit_float_op(ctx: Ctx, op: Op, ins: list[str], out: str) -> str:
 
 def export_weights(art, ops: list[Op], opset: int | None = None, dequant: str = "cast"):
     """The `weights` form ModelProto of a loaded artifact and its fused ops."""
-    ctx = Ctx(Builder(opset, dequant=dequant), art.layers, shapes=art.graph.shapes)
+    ctx = Ctx(Builder(opset, dequant=dequant), art.layers, shapes=art.graph.shapes, ops=ops,
+              input_shape=art.graph.input_shape)
+    for lc in art.layers.values():  # the opset the weight types need, known before any node is written
+        narrowest_type(ctx.b, lc)
     for op in ops:
         emit_float_op(ctx, op, op.inputs, op.out)
     types = {name: narrowest_type(ctx.b, lc)[0] for name, lc in art.layers.items()}

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qexport.ops import activation, add, avgpool, batchnorm, concat, conv, flatten, layernorm, linear, maxpool, mean, \
+from qexport.ops import activation, add, aten, avgpool, batchnorm, concat, conv, flatten, layernorm, linear, maxpool, mean, \
     mul, normalize, relu, reshape, softmax
 from qexport.ops.base import Kind
 
 _ALL: list[Kind] = [normalize.KIND, linear.KIND, conv.KIND, batchnorm.KIND, relu.KIND, *activation.KINDS, maxpool.KIND,
                     avgpool.KIND, mean.KIND, flatten.KIND, reshape.KIND, add.KIND, mul.KIND, concat.KIND, layernorm.KIND,
-                    softmax.KIND]
+                    softmax.KIND, *aten.KINDS]
 KINDS: dict[str, Kind] = {k.name: k for k in _ALL}
 
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)

@@ -49,6 +49,7 @@ class Op:
     bn: nn.Module | None = None
     bn_name: str | None = None
     relu: bool = False
+    consts: list | None = None  # bound constant tensors of an `aten` op (attrs["consts"] names them)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "inputs": list(self.inputs), "out": self.out, "attrs": self.attrs}
@@ -64,6 +65,21 @@ class Ctx:
     qp: dict | None = None  # value -> QParams (integer forms)
     qpi: Any = None  # QParamInits (integer forms)
     shapes: dict = field(default_factory=dict)  # value -> shape without the batch axis
+    ops: list = field(default_factory=list)  # the (fused) ops being written
+    input_shape: list = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
+
+    def examples(self, op: "Op") -> tuple[list[torch.Tensor], list[list[int]]]:
+        """Example values of `op`'s inputs (the graph run on a batch of 2) and, per input, the
+        axes whose size follows the batch (they differ on a batch of 3)."""
+        if "values" not in self.cache:
+            from qexport.graph import evaluate
+
+            self.cache["values"] = [evaluate(self.ops, torch.zeros(n, *self.input_shape)) for n in (2, 3)]
+        v2, v3 = self.cache["values"]
+        xs = [v2[i] for i in op.inputs]
+        dynamic = [[d for d in range(v2[i].dim()) if v2[i].shape[d] != v3[i].shape[d]] for i in op.inputs]
+        return xs, dynamic
 
 
 class Kind:
@@ -93,6 +109,9 @@ class Kind:
     def build(self, attrs: dict[str, Any]) -> nn.Module | None:
         """The module (parametric kinds) this op's parameters live in, rebuilt from its attributes."""
         raise NotImplementedError(self.name)
+
+    def check_stored(self, attrs: dict[str, Any]) -> None:
+        """Attributes read from a file, checked before anything uses them (ValueError: malformed)."""
 
     # -- float compute -------------------------------------------------------------------------
     def run(self, op: Op, xs: list[torch.Tensor]) -> torch.Tensor:

@@ -19,31 +19,42 @@ class Linear(Kind):
         return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
 
     def check(self, attrs: dict, in_shapes: list[list[int]]) -> None:
-        if len(in_shapes[0]) != 1:
-            raise Unsupported(f"Linear on a tensor of shape (batch, {', '.join(map(str, in_shapes[0]))}); "
-                              "qexport exports Linear on (batch, features): flatten before it")
+        if not in_shapes[0] or in_shapes[0][-1] != attrs["in_features"]:
+            raise Unsupported(f"Linear({attrs['in_features']}, ...) on a tensor of shape (batch, "
+                              f"{', '.join(map(str, in_shapes[0]))})")
+
+    @staticmethod
+    def on_rows(ctx: Ctx, op: Op) -> bool:
+        """Its input is (batch, features): Gemm and the integer kernels; else (tokens) MatMul in float."""
+        return len(ctx.shapes.get(op.inputs[0], [0])) == 1
 
     def build(self, attrs: dict) -> nn.Module:
         return nn.Linear(attrs["in_features"], attrs["out_features"], bias=attrs["bias"])
 
     def onnx(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> str:
-        return ctx.b.node("Gemm", [ins[0], float_weight(ctx, op), *float_bias(ctx, op)], out, transB=1)
+        b = ctx.b
+        if self.on_rows(ctx, op):
+            return b.node("Gemm", [ins[0], float_weight(ctx, op), *float_bias(ctx, op)], out, transB=1)
+        wt = b.node("Transpose", [float_weight(ctx, op)], f"{op.name}.weight_t", perm=[1, 0])
+        bias = float_bias(ctx, op)
+        y = b.node("MatMul", [ins[0], wt], f"{out}.matmul" if bias else out)
+        return b.node("Add", [y, bias[0]], out) if bias else y
 
     def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if op.name not in ctx.layers:
+        if op.name not in ctx.layers or not self.on_rows(ctx, op):
             return False
         _, (w, ws, wz, bias) = int_weight(ctx, op)
         ctx.b.node("QGemm", [ins[0], *ctx.qpi(op.inputs[0]), w, ws, wz, bias, *ctx.qpi(op.out)], out, domain=MS_DOMAIN, transB=1)
         return True
 
     def qdq(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if op.name not in ctx.layers:
+        if op.name not in ctx.layers or not self.on_rows(ctx, op):
             return False
         ctx.b.node("Gemm", [ins[0], *dq_weight_and_bias(ctx, op)], out, transB=1)
         return True
 
     def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
-        if op.name not in ctx.layers:
+        if op.name not in ctx.layers or not self.on_rows(ctx, op):
             return None
         il = integer_layer(op, ctx.layers[op.name], ctx.qp[op.inputs[0]].scale)
         return qlinear(il, qs[0], ctx.qp[op.inputs[0]], ctx.qp[op.out], lambda x, w: x @ w.T)
