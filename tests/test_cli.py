@@ -63,7 +63,7 @@ ERRORS = [
     (["quantize", "-o", "no/such/folder/a.qx.safetensors"], "output folder no/such/folder does not exist"),
     (["quantize", "--param", "oops"], "write it as name=value"),
     (["quantize", "--method", "ptq", "--param", "rho=1"], "unknown hyperparameter(s) rho"),
-    (["quantize", "--model", "user_models:with_softplus"], "unsupported op 2 (Softplus)"),
+    (["quantize", "--model", "user_models:with_sort"], "operator aten.sort.default is not one qexport runs"),
     (["quantize", "--normalize", "fit"], "--normalize is for your own model"),
     (["quantize", "--layer-bits", "body.1"], "write PATTERN=BITS"),
     (["quantize", "--method", "ptq", "--exclude", "nosuch*"], "nosuch*"),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qadmm.errors import UserError
 from qexport.ops.base import Ctx, Kind, Op, Reshaping
 
 # Operators that only move or select values (exact on uint8, scale and zero point kept).
@@ -70,6 +71,9 @@ SIZED = {
     "aten.expand.default": lambda x, size, implicit=False: x.expand(size),
     "aten.repeat.default": lambda x, repeats: x.repeat(repeats),
     "aten.unflatten.int": torch.unflatten,
+    # eval-mode batch norm as timm's BatchNormAct calls it; only its first output is ever read
+    "aten._native_batch_norm_legit_no_training.default": lambda x, w, b, mean, var, momentum, eps: (
+        torch.nn.functional.batch_norm(x, mean, var, w, b, False, momentum, eps),),
     "aten.slice.Tensor": lambda x, dim=0, start=None, end=None, step=1: x[(slice(None),) * (dim % x.dim()) + (slice(start, end, step),)],
 }
 FLOAT_ONNX_OPSET = (17, 20)  # float islands are written at the graph's opset within these bounds
@@ -179,9 +183,14 @@ def splice(ctx: Ctx, op: Op, ins: list[str], out: str, dtype: torch.dtype = torc
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_One(op.attrs, op.consts or []), tuple(examples), buf, dynamo=False, opset_version=opset,
-                          input_names=names, output_names=["y"], do_constant_folding=True,
-                          dynamic_axes={n: d for n, d in zip(names, dynamic) if d})
+        try:
+            torch.onnx.export(_One(op.attrs, op.consts or []), tuple(examples), buf, dynamo=False, opset_version=opset,
+                              input_names=names, output_names=["y"], do_constant_folding=True,
+                              dynamic_axes={n: d for n, d in zip(names, dynamic) if d})
+        except Exception as e:  # what ONNX cannot express (torch.onnx says why)
+            why = " ".join(str(e).split())[:240]
+            raise UserError(f"op {op.name} ({op.attrs['target']}) cannot be written as ONNX: torch.onnx: {why}; "
+                            "the artifact runs in PyTorch, but change this op to export it") from None
     g = onnx.load_from_string(buf.getvalue()).graph
     rename = {n: v for n, v in zip(names, ins)}
     rename["y"] = out

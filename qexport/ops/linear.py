@@ -28,6 +28,9 @@ class Linear(Kind):
         """Its input is (batch, features): Gemm and the integer kernels; else (tokens) MatMul in float."""
         return len(ctx.shapes.get(op.inputs[0], [0])) == 1
 
+    def integer_kernel(self, ctx: Ctx, op: Op) -> bool:
+        return self.on_rows(ctx, op)
+
     def build(self, attrs: dict) -> nn.Module:
         return nn.Linear(attrs["in_features"], attrs["out_features"], bias=attrs["bias"])
 
