@@ -66,6 +66,7 @@ def _small_swin() -> nn.Module:
 
 def _timm(name: str, **kw) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
+        import_torchvision()  # timm imports torchvision
         import timm
 
         return timm.create_model(name, pretrained=False, num_classes=10, **kw)

@@ -33,7 +33,7 @@ from qexport.graph import Graph, GraphModel, evaluate
 from qexport.ops.base import OUTPUT
 
 FORMAT = "qexport-artifact"
-VERSION = 2
+VERSION = 3  # the newest this qexport reads and writes; 3: graphs with `aten` ops and folded constants
 
 
 @dataclass
@@ -277,8 +277,15 @@ def save_artifact(path: str | Path, model: nn.Module, layers: dict[str, LayerCod
     tensors, meta_json, _ = pack_tensors(model, layers, meta, graph)
     digest = content_hash(tensors, meta_json)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION), "qexport": meta_json, "content_sha256": digest})
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(format_version(graph)), "qexport": meta_json,
+                                               "content_sha256": digest})
     return digest
+
+
+def format_version(graph: Graph) -> int:
+    """The oldest format that describes the graph: 2 unless it holds ops only torch.export's
+    capture makes (`aten`, folded constants), so older qexports read what they can."""
+    return 3 if any(op.kind.startswith("aten") for op in graph.ops) or graph.constants else 2
 
 
 def _layer_codes(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> dict[str, LayerCodes]:

@@ -1,0 +1,118 @@
+"""The torch.export capture (`qexport/capture.py`): what torch.fx refuses is captured exactly,
+stored as data, and a forged graph is refused on load."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import qexport
+from qadmm.errors import BadFile
+from qexport.artifact import content_hash, load_artifact
+from qexport.fileio import read_safetensors
+from qexport.graph import GraphModel, fx_trace, trace
+from qadmm.errors import UserError
+
+
+class Shuffle(nn.Module):
+    """Channel shuffle (shape arithmetic), a layer scale used directly in forward, a constant
+    computed from a buffer (folded), chunk and permute: nothing torch.fx can trace into kinds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.gamma = nn.Parameter(torch.full((8, 1, 1), 0.5))
+        self.register_buffer("table", torch.linspace(-1, 1, 8))
+        self.fc = nn.Linear(8 * 8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        b, c, h, w = y.shape
+        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)  # channel shuffle
+        a, z = y.chunk(2, dim=1)
+        y = torch.cat([a, z * self.gamma[4:]], dim=1) + self.table.tanh().view(1, c, 1, 1)
+        y = y.permute(0, 2, 3, 1).mean(-1)  # (b, h, w)
+        return self.fc(y.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def digits01(digits):
+    from qadmm.data import from_arrays
+
+    return from_arrays("digits01", np.concatenate([digits.x_train, digits.x_val]) / 16.0,
+                       np.concatenate([digits.y_train, digits.y_val]), digits.x_test / 16.0, digits.y_test)
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory, digits01):
+    torch.manual_seed(0)
+    model = Shuffle().eval()
+    art = qexport.quantize(model, digits01, "ptq", 8, per_channel=True)
+    path = tmp_path_factory.mktemp("capture") / "m.qx.safetensors"
+    art.save(path)
+    return model, art, path
+
+
+def test_fx_refuses_and_the_capture_takes_it_exactly(captured, digits01):
+    model, art, path = captured
+    with pytest.raises(UserError, match="a tensor's shape used other than as x.size"):
+        fx_trace(model, (1, 8, 8))
+    kinds = {op.kind for op in art.graph.ops}
+    assert {"conv", "batchnorm", "relu", "linear", "aten", "aten_move"} <= kinds, kinds
+    assert set(art.layers) == {"conv", "fc"}  # the user's names: quantized as any Linear/Conv
+    graph = trace(model, (1, 8, 8))
+    assert any(n.startswith("folded.") for n in graph.constants)  # tanh(table), computed once
+    assert any(k.startswith("float/folded.") for k in read_safetensors(path)[1])  # and stored
+    g = GraphModel(graph).eval()
+    want = g.state_dict()  # gamma[4:] and tanh(table) are folded: the graph reads neither parameter itself
+    g.load_state_dict({k: v for k, v in {**graph.constants, **model.state_dict()}.items() if k in want})
+    x = torch.as_tensor(digits01.x_test[:50])
+    with torch.no_grad():
+        assert torch.equal(g(x), model(x))
+        loaded = load_artifact(path)
+        assert torch.equal(loaded.model(x), art.model(x))  # the file alone, no user code
+    assert read_safetensors(path)[0]["version"] == "3"
+
+
+def test_fx_models_keep_format_2(tmp_path, digits, digits_mlp):
+    art = qexport.quantize(digits_mlp, digits, "ptq", 4)
+    art.save(tmp_path / "a.qx.safetensors")
+    assert read_safetensors(tmp_path / "a.qx.safetensors")[0]["version"] == "2"
+
+
+def _aten_op(meta: dict, kind: str = "aten") -> dict:
+    return next(o for o in meta["graph"]["ops"] if o["kind"] == kind)
+
+
+FORGERIES = {
+    "an operator outside the allow-list": (lambda m: _aten_op(m).update(attrs={**_aten_op(m)["attrs"], "target": "aten.fill_.Scalar"}),
+                                           "operator 'aten.fill_.Scalar' is not one qexport runs"),
+    "a Python name as operator": (lambda m: _aten_op(m)["attrs"].update(target="builtins.eval"),
+                                  "operator 'builtins.eval' is not one qexport runs"),
+    "an argument of unknown form": (lambda m: _aten_op(m)["attrs"]["args"].append({"eval": "1"}), "argument"),
+    "a constant of an unknown dtype": (lambda m: [o["attrs"]["consts"][0].__setitem__(2, "object") for o in m["graph"]["ops"]
+                                                  if o["attrs"].get("consts")][:1], "constant"),
+    "a constant of another shape": (lambda m: [o["attrs"]["consts"][0].__setitem__(1, [3, 3]) for o in m["graph"]["ops"]
+                                               if o["attrs"].get("consts")][:1], "wrong shape"),
+    "an input index out of range": (lambda m: _aten_op(m, "aten_move")["attrs"]["args"].__setitem__(0, {"in": 7}),
+                                    "does not build or run"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGERIES))
+def test_forged_captured_graph_is_refused(captured, tmp_path, case):
+    _, _, path = captured
+    fn, message = FORGERIES[case]
+    header, tensors = read_safetensors(path)
+    meta = json.loads(header["qexport"])
+    fn(meta)
+    meta_json = json.dumps(meta, sort_keys=True)
+    bad = tmp_path / "bad.qx.safetensors"
+    save_file(tensors, str(bad), metadata={**header, "qexport": meta_json, "content_sha256": content_hash(tensors, meta_json)})
+    with pytest.raises(BadFile, match=message):
+        load_artifact(bad)
