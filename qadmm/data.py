@@ -22,15 +22,16 @@ FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass
 class Dataset:
-    """Raw features (float32, shape (N, *input_shape)) and int64 labels for each split."""
+    """Raw features (float32, shape (N, *input_shape)) and int64 labels for each split; unlabelled
+    data (calibration inputs only) has labels None and num_classes 0."""
 
     name: str
     x_train: np.ndarray
-    y_train: np.ndarray
+    y_train: np.ndarray | None
     x_val: np.ndarray
-    y_val: np.ndarray
+    y_val: np.ndarray | None
     x_test: np.ndarray
-    y_test: np.ndarray
+    y_test: np.ndarray | None
     num_classes: int
     mean: np.ndarray  # broadcastable to input_shape, fitted on x_train only
     std: np.ndarray
@@ -39,6 +40,10 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def labelled(self) -> bool:
+        return self.y_train is not None
 
     def calibration(self, n: int, seed: int = 0) -> torch.Tensor:
         """`n` training inputs drawn without replacement by `seed` (all of them if fewer): the unlabeled
@@ -51,9 +56,10 @@ class Dataset:
             "name": self.name,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
-            "n_train": len(self.y_train),
-            "n_val": len(self.y_val),
-            "n_test": len(self.y_test),
+            "labelled": self.labelled,
+            "n_train": len(self.x_train),
+            "n_val": len(self.x_val),
+            "n_test": len(self.x_test),
             **self.info,
         }
 
@@ -206,9 +212,16 @@ def _load_raw(name: str, data_dir: Path, path: Path | None, label_column: str | 
             raise UserError("dataset 'npz' needs a file: pass --data path/to/file.npz")
         try:
             with np.load(_need(path, name), allow_pickle=False) as z:
+                if "x" in z and not any(k in z for k in ("x_train", "y_train", "x_test", "y_test")):
+                    x = z["x"]  # unlabelled inputs: 20% held out (by seed) to compare with the float model
+                    order = rng.permutation(len(x))
+                    cut = len(x) - max(1, int(round(0.2 * len(x))))
+                    return (x[np.sort(order[:cut])], None, x[np.sort(order[cut:])], None,
+                            {"source": str(path), "split": "unlabelled, 80/20 by seed"})
                 missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z]
                 if missing:
-                    raise UserError(f"{path}: missing arrays {missing}; an npz dataset holds x_train, y_train, x_test, y_test")
+                    raise UserError(f"{path}: missing arrays {missing}; an npz dataset holds x_train, y_train, x_test, "
+                                    "y_test (labelled) or just x (unlabelled inputs)")
                 xtr, ytr, xte, yte = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
         except (ValueError, OSError) as e:
             if isinstance(e, UserError):
@@ -311,11 +324,25 @@ def load_dataset(
     return from_arrays(name, xtv, ytv, xte, yte, info, seed, val_fraction)
 
 
-def from_arrays(name: str, xtv: np.ndarray, ytv: np.ndarray, xte: np.ndarray, yte: np.ndarray, info: dict | None = None,
-                seed: int = 0, val_fraction: float = 0.1) -> Dataset:
-    """A Dataset from train and test arrays (features (N, ...), labels 0..C-1): a stratified
-    `val_fraction` of the training rows is held out, the normalisation statistics fitted on the rest."""
+def from_arrays(name: str, xtv: np.ndarray, ytv: np.ndarray | None, xte: np.ndarray, yte: np.ndarray | None,
+                info: dict | None = None, seed: int = 0, val_fraction: float = 0.1) -> Dataset:
+    """A Dataset from train and test arrays (features (N, ...), labels 0..C-1, or None for both
+    when unlabelled): a stratified `val_fraction` of the training rows is held out (a random one
+    when unlabelled), the normalisation statistics fitted on the rest."""
     xtv, xte = _features(xtv, f"dataset {name!r} (train)"), _features(xte, f"dataset {name!r} (test)")
+    if ytv is None or yte is None:
+        if ytv is not None or yte is not None:
+            raise UserError(f"dataset {name!r}: labels for one split only; give both or neither")
+        for x, what in ((xtv, "train"), (xte, "test")):
+            _check(x, np.zeros(len(x)), f"dataset {name!r} ({what})")
+        if xtv.shape[1:] != xte.shape[1:]:
+            raise UserError(f"dataset {name!r}: train features {xtv.shape[1:]} and test features {xte.shape[1:]} differ in shape")
+        order = np.random.default_rng(seed + 1).permutation(len(xtv))
+        n_val = int(round(len(xtv) * val_fraction)) if len(xtv) > 1 else 0
+        va, tr = np.sort(order[:n_val]), np.sort(order[n_val:])
+        mean, std = _moments(xtv[tr])
+        info = {**(info or {}), "seed": seed, "val_fraction": val_fraction}
+        return Dataset(name, xtv[tr], None, xtv[va], None, xte, None, 0, mean, std, info)
     ytv, yte = _labels(ytv, f"dataset {name!r} (train)"), _labels(yte, f"dataset {name!r} (test)")
     _check(xtv, ytv, f"dataset {name!r} (train)")
     _check(xte, yte, f"dataset {name!r} (test)")
@@ -327,10 +354,14 @@ def from_arrays(name: str, xtv: np.ndarray, ytv: np.ndarray, xte: np.ndarray, yt
     num_classes = int(classes.max()) + 1
     tr, va = _stratified_split(ytv, val_fraction, np.random.default_rng(seed + 1))
     xtr, ytr, xva, yva = xtv[tr], ytv[tr], xtv[va], ytv[va]
-    # Normalisation from the training split only: per feature for vectors, per channel for images.
+    mean, std = _moments(xtr)
+    info = {**(info or {}), "seed": seed, "val_fraction": val_fraction}
+    return Dataset(name, xtr, ytr, xva, yva, xte, yte, num_classes, mean, std, info)
+
+
+def _moments(xtr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalisation from the training split only: per feature for vectors, per channel for images."""
     axes = (0,) if xtr.ndim == 2 else (0, *range(2, xtr.ndim))
     mean = xtr.mean(axis=axes, keepdims=True)[0].astype(np.float32)
     std = xtr.std(axis=axes, keepdims=True)[0].astype(np.float32)
-    std = np.where(std < 1e-6, 1.0, std).astype(np.float32)
-    info = {**(info or {}), "seed": seed, "val_fraction": val_fraction}
-    return Dataset(name, xtr, ytr, xva, yva, xte, yte, num_classes, mean, std, info)
+    return mean, np.where(std < 1e-6, 1.0, std).astype(np.float32)

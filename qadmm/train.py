@@ -37,6 +37,20 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1
     return float((predict(model, x, batch_size).argmax(1).numpy() == y).mean() * 100)
 
 
+def agreement(reference: torch.Tensor, other: torch.Tensor, classifier: bool) -> dict:
+    """How close `other` is to `reference` (outputs on the same inputs): SQNR in dB (signal power
+    over error power), the mean cosine similarity per sample, and for class scores the top-1
+    agreement in percent."""
+    r, o = reference.double().flatten(1), other.double().flatten(1)
+    err = float(((r - o) ** 2).sum())
+    sqnr = float("inf") if err == 0 else 10 * np.log10(max(float((r ** 2).sum()), 1e-300) / err)
+    cos = nn.functional.cosine_similarity(r, o, dim=1, eps=1e-30)
+    out = {"sqnr_db": round(float(sqnr), 3) if np.isfinite(sqnr) else None, "cosine": round(float(cos.mean()), 6)}
+    if classifier:
+        out["top1_agreement"] = round(float((r.argmax(1) == o.argmax(1)).double().mean() * 100), 3)
+    return out
+
+
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
     """(top-1 accuracy in percent, mean cross-entropy)."""
     logits = predict(model, x, batch_size)

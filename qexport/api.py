@@ -28,24 +28,39 @@ from qadmm import methods
 from qadmm.data import Dataset, from_arrays
 from qadmm.errors import UserError
 from qadmm.spec import QuantSpec
-from qadmm.train import accuracy
+from qadmm.train import accuracy, agreement, predict
 from qadmm.zoo import Normalize
 from qexport.artifact import Artifact, load_artifact
 from qexport.fileio import versions
-from qexport.graph import trace
+from qexport.graph import rebuilt, trace
 from qexport.ops.base import OUTPUT
 
 DEFAULT_METHOD = "lq"
 
 
 def as_dataset(data: Any, seed: int = 0) -> Dataset:
-    """A Dataset, or (x_train, y_train, x_test, y_test) arrays split into train/val by `seed`."""
+    """A Dataset; (x_train, y_train, x_test, y_test) arrays, split into train/val by `seed`; or
+    unlabelled inputs: (x_train, x_test), or one array x of which 20% (by `seed`) is held out to
+    compare the quantized model with the float one."""
     if isinstance(data, Dataset):
         return data
+
+    def arr(d: Any) -> np.ndarray:
+        return d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d)
+
+    info = {"source": "arrays given to qexport"}
     if isinstance(data, (tuple, list)) and len(data) == 4:
-        arrs = [d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d) for d in data]
-        return from_arrays("arrays", *arrs, info={"source": "arrays given to qexport.quantize"}, seed=seed)
-    raise UserError(f"data must be a qadmm Dataset or (x_train, y_train, x_test, y_test) arrays, got {type(data).__name__}")
+        return from_arrays("arrays", *(arr(d) for d in data), info=info, seed=seed)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return from_arrays("arrays", arr(data[0]), None, arr(data[1]), None, info=info, seed=seed)
+    if isinstance(data, (np.ndarray, torch.Tensor)) and arr(data).ndim >= 2:
+        x = arr(data)
+        order = np.random.default_rng(seed).permutation(len(x))
+        cut = len(x) - max(1, int(round(0.2 * len(x))))
+        return from_arrays("arrays", x[np.sort(order[:cut])], None, x[np.sort(order[cut:])], None,
+                           info={**info, "split": "unlabelled, 80/20 by seed"}, seed=seed)
+    raise UserError(f"data must be a qadmm Dataset, (x_train, y_train, x_test, y_test) arrays, or unlabelled inputs "
+                    f"(x_train, x_test) or x, got {type(data).__name__}")
 
 
 def normalization(spec: str | Sequence | None, data: Dataset) -> dict:
@@ -102,22 +117,33 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     model = with_normalization(copy.deepcopy(model), pre).eval()
     graph = trace(model, data.input_shape)  # refuses unsupported ops now, not after minutes of work
     out_shape = graph.shapes.get(OUTPUT, [])
-    if len(out_shape) != 1 or out_shape[0] < data.num_classes:
-        raise UserError(f"the model outputs {tuple(out_shape)} per sample; qexport quantizes classifiers whose output is "
-                        f"one score per class, and dataset {data.name!r} has {data.num_classes} classes")
+    classifier = data.labelled
+    if classifier and (len(out_shape) != 1 or out_shape[0] < data.num_classes):
+        raise UserError(f"the model outputs {tuple(out_shape)} per sample, but dataset {data.name!r} has labels 0..{data.num_classes - 1}: "
+                        "labelled data needs one score per class; for another output (embeddings, maps, a backbone) "
+                        "give unlabelled inputs (an .npz with just x, or arrays x)")
+    if not data.labelled and not methods.calibration_only(method):
+        raise UserError(f"method {method!r} trains on labels, and dataset {data.name!r} has none: use ptq, gptq or ldnq, "
+                        "which need only inputs")
     first = graph.ops[0]
     if pre["type"] == "none" and first.kind == "normalize" and first.inputs == ["input"]:  # a zoo model's own
         pre = {"type": "standardize", "mean": first.module.mean.tolist(), "std": first.module.std.tolist(),
                "fitted_on": "inside the model (train split)"}
-    float_acc = accuracy(model, data.x_test, data.y_test)
+    float_acc = accuracy(model, data.x_test, data.y_test) if classifier else None
     t0 = time.perf_counter()
-    result = methods.quantize(method, model, data, spec)
+    # a torch.export capture is quantized as the graph (every layer a module call, in forward order)
+    work = model if graph.source == "torch.fx" else rebuilt(graph, model)
+    result = methods.quantize(method, work, data, spec)
     seconds = time.perf_counter() - t0
-    q_acc = accuracy(result.model, data.x_test, data.y_test)
+    q_acc = accuracy(result.model, data.x_test, data.y_test) if classifier else None
+    with torch.no_grad():
+        x_test = torch.as_tensor(data.x_test)
+        agree = agreement(predict(model, x_test), predict(result.model, x_test), classifier and len(out_shape) == 1)
     codes = spec.codes
     meta = {
         "architecture": {"model": model_name or type(model).__name__, "input_shape": list(data.input_shape),
-                         "num_classes": out_shape[0]},
+                         **({"num_classes": out_shape[0]} if classifier else {}), "output_shape": list(out_shape),
+                         "capture": graph.source},
         "preprocessing": pre,
         "dataset": data.describe(),
         "float_training": source or {},
@@ -129,7 +155,8 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
         "recalibration": result.recalibration,
         "history": result.history,
         "accuracy": {"float_test": float_acc, "quantized_test": q_acc,
-                     "quantized_val": accuracy(result.model, data.x_val, data.y_val)},
+                     "quantized_val": accuracy(result.model, data.x_val, data.y_val) if classifier else None},
+        "agreement": agree,
         "versions": versions(),
         "command": "qexport " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "qexport" else "python API",
     }
@@ -177,4 +204,4 @@ def verify(onnx_path: str | Path, art: Artifact, data: Any, max_samples: int | N
     from qexport.onnx.verify import verify as run_verify
 
     d = as_dataset(data)
-    return run_verify(str(onnx_path), art, d.x_test[:max_samples], d.y_test[:max_samples], tol)
+    return run_verify(str(onnx_path), art, d.x_test[:max_samples], d.y_test[:max_samples] if d.labelled else None, tol)

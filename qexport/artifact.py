@@ -104,8 +104,13 @@ def check_architecture(meta: Any, where: str) -> dict[str, Any]:
         raise BadFile(f"{where}: metadata is not a JSON object; the file is corrupted")
     arch = meta.get("architecture")
     if not isinstance(arch, dict) or not _positive_ints(arch.get("input_shape")) \
-            or not _positive_ints([arch.get("num_classes")]):
-        raise BadFile(f"{where}: metadata 'architecture' lacks a valid input_shape and num_classes; the file is corrupted")
+            or not (_positive_ints([arch.get("num_classes")]) if "num_classes" in arch else _positive_ints(arch.get("output_shape"))) \
+            or "output_shape" in arch and not isinstance(arch["output_shape"], list):
+        raise BadFile(f"{where}: metadata 'architecture' lacks a valid input_shape and num_classes or output_shape; "
+                      "the file is corrupted")
+    if "output_shape" in arch and "num_classes" in arch and arch["output_shape"] != [arch["num_classes"]]:
+        raise BadFile(f"{where}: metadata 'architecture' declares {arch['num_classes']} classes and output shape "
+                      f"{arch['output_shape']}; the file is corrupted")
     if not isinstance(arch.get("model", ""), str):
         raise BadFile(f"{where}: metadata 'architecture.model' is not a name; the file is corrupted")
     for key, kind in PROVENANCE.items():
@@ -127,6 +132,15 @@ def check_architecture(meta: Any, where: str) -> dict[str, Any]:
         raise BadFile(f"{where}: declared input shape {arch['input_shape']} is absurd "
                       f"(over {MAX_INPUT_VALUES} values per sample); the file is corrupted or forged")
     return arch
+
+
+def output_shape(arch: dict[str, Any]) -> list[int]:
+    """The per-sample output shape an architecture declares ((num_classes,) for a classifier)."""
+    return list(arch["output_shape"]) if "output_shape" in arch else [arch["num_classes"]]
+
+
+def describe_output(arch: dict[str, Any]) -> str:
+    return f"classes {arch['num_classes']}" if "num_classes" in arch else f"output {tuple(output_shape(arch))}"
 
 
 def model_from_meta(meta: dict[str, Any], where: str, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -176,9 +190,9 @@ def model_from_meta(meta: dict[str, Any], where: str, state: dict[str, torch.Ten
     if not torch.isfinite(out).all():  # e.g. a normalisation std or a BatchNorm variance of 0 or below
         raise BadFile(f"{where}: the stored model computes NaN or infinity on a zero input (a normalisation std or "
                       "BatchNorm variance that is zero or negative?); the file is corrupted or was edited")
-    if tuple(out.shape) != (1, arch["num_classes"]):
+    if list(out.shape) != [1, *output_shape(arch)]:
         raise BadFile(f"{where}: the stored model outputs {tuple(out.shape[1:])} per sample, the architecture declares "
-                      f"{arch['num_classes']} classes; the file is corrupted or was edited")
+                      f"{tuple(output_shape(arch))}; the file is corrupted or was edited")
     return model
 
 

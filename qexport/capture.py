@@ -361,7 +361,7 @@ def capture(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> "Grap
         if op.out == output:
             op.out = OUTPUT
     shapes[OUTPUT] = shapes.pop(output)
-    return bind(Graph(ops, list(input_shape), shapes, constants), model)
+    return bind(Graph(ops, list(input_shape), shapes, constants, "torch.export"), model)
 
 
 class _NotConst(Exception):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qexport.artifact import load_artifact
+from qexport.artifact import describe_output, load_artifact
 
 
 def _hist(q: torch.Tensor, levels: list[int]) -> str:
@@ -45,13 +45,15 @@ def describe(path: str | Path, as_json: bool = False) -> str:
         return f"{v:.2f}%" if isinstance(v, (int, float)) else "?"
 
     lines = [f"{path}: qexport artifact (sha256 {art.sha256[:16]})",
-             f"model {arch.get('model', '?')} input {tuple(arch['input_shape'])} classes {arch['num_classes']}; "
+             f"model {arch.get('model', '?')} input {tuple(arch['input_shape'])} {describe_output(arch)}; "
              f"dataset {ds.get('name', '?')} (seed {ds.get('seed', '?')})",
              f"input: {describe_preprocessing(m.get('preprocessing', {}))}",
              f"graph: {len(ops)} ops ({', '.join(sorted({o['kind'] for o in ops}))})",
              f"method {method.get('name', '?')} {json.dumps(method.get('params', {}), sort_keys=True)}",
              f"spec: {json.dumps({k: v for k, v in m.get('spec', {}).items() if v not in (None, False, [], {})}, sort_keys=True)}",
-             f"accuracy: float {pct(acc.get('float_test'))}  quantized {pct(acc.get('quantized_test'))}", ""]
+             f"accuracy: float {pct(acc.get('float_test'))}  quantized {pct(acc.get('quantized_test'))}"
+             if acc.get("float_test") is not None else f"agreement with the float model: {describe_agreement(m.get('agreement', {}))}",
+             ""]
     header = f"{'layer':24s} {'shape':16s} {'codes':18s} {'alpha range':23s} {'bytes@N':>9s} {'fp32':>9s}  histogram"
     lines += [header, "-" * len(header)]
     tot_q = tot_f = 0
@@ -68,3 +70,12 @@ def describe(path: str | Path, as_json: bool = False) -> str:
     lines.append(f"float parameters and buffers kept: {floats} values ({4 * floats} bytes)")
     lines.append(f"versions: {json.dumps(m.get('versions', {}), sort_keys=True)}")
     return "\n".join(lines)
+
+
+def describe_agreement(a: dict) -> str:
+    """SQNR, cosine and (class scores) top-1 agreement of the quantized model with the float one."""
+    parts = [f"SQNR {a['sqnr_db']:.1f} dB" if a.get("sqnr_db") is not None else "SQNR inf (identical)",
+             f"cosine {a.get('cosine', float('nan')):.5f}"]
+    if a.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {a['top1_agreement']:.2f}%")
+    return ", ".join(parts)

@@ -36,6 +36,7 @@ class Graph:
     shapes: dict[str, list[int]] = field(default_factory=dict)  # value -> shape without the batch axis
     # tensors a torch.export capture computed once (`folded.<node>`), saved with the model's own
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: str = "torch.fx"  # what captured it: "torch.fx" or "torch.export" (`qexport.capture`)
 
     def to_json(self) -> dict[str, Any]:
         return {"ops": [op.to_json() for op in self.ops], "input_shape": list(self.input_shape),
@@ -254,7 +255,17 @@ def bind(graph: Graph, model: nn.Module) -> Graph:
         if op.attrs.get("consts"):
             o.consts = [_tensor_at(model, n, graph) for n, _, _ in op.attrs["consts"]]
         ops.append(o)
-    return Graph(ops, graph.input_shape, graph.shapes, graph.constants)
+    return Graph(ops, graph.input_shape, graph.shapes, graph.constants, graph.source)
+
+
+def rebuilt(graph: Graph, model: nn.Module) -> "GraphModel":
+    """The graph as a runnable model with `model`'s weights (and the folded constants), eval mode:
+    what the back-ends quantize for a torch.export capture, where every Linear/Conv of the graph is
+    a module call (attention's output projection is not one in the user's model) in forward order."""
+    g = GraphModel(graph)
+    want = g.state_dict()
+    g.load_state_dict({k: v for k, v in {**graph.constants, **model.state_dict()}.items() if k in want})
+    return g.eval()
 
 
 def _tensor_at(model: nn.Module, name: str, graph: Graph) -> torch.Tensor:
@@ -299,7 +310,7 @@ class GraphModel(nn.Module):
                 owner = self.get_submodule(".".join(path))
                 if not hasattr(owner, leaf):
                     owner.register_buffer(leaf, torch.zeros(shape, dtype=dtype))
-        self.graph = bind(Graph(graph.ops, graph.input_shape, graph.shapes), self)
+        self.graph = bind(Graph(graph.ops, graph.input_shape, graph.shapes, source=graph.source), self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vals = {INPUT: x}

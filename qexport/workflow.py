@@ -48,8 +48,8 @@ def user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.
     if not callable(fn):
         raise UserError(f"--model {spec!r}: {fn_name} is a {type(fn).__name__}, not a function or class")
     try:
-        try:
-            model = fn(input_shape=input_shape, num_classes=num_classes)
+        try:  # unlabelled data (num_classes 0) says nothing about the output: the factory's default
+            model = fn(input_shape=input_shape, **({"num_classes": num_classes} if num_classes else {}))
         except TypeError:
             model = fn()
     except Exception as e:
@@ -120,7 +120,13 @@ def float_model(data, model_name: str | None, checkpoint: str | None, seed: int,
             state = check_finite(unwrap_state(load_user_state(checkpoint), model, f"checkpoint {checkpoint}"), str(checkpoint))
             model.load_state_dict(state)
             return model.eval(), name, {"checkpoint": str(checkpoint), "factory": name}
+        if not data.labelled:
+            raise UserError(f"dataset {data.name!r} has no labels, so the model cannot be trained here: pass its trained "
+                            "weights with --checkpoint")
         model = api.with_normalization(model, api.normalization(normalize, data))
+    elif not data.labelled:
+        raise UserError(f"dataset {data.name!r} has no labels: qexport's own models train on labels; quantize your "
+                        "trained model with --model FILE.py:FACTORY --checkpoint WEIGHTS")
     elif name not in NAMES:
         raise UserError(f"unknown model {name!r}: use one of {', '.join(NAMES)}, module:factory or path/to/file.py:factory")
     else:

@@ -39,6 +39,11 @@ METHODS: dict[str, str] = {
 }
 
 
+def calibration_only(name: str) -> bool:
+    """Whether the method needs only inputs (no labels): it sets `CALIBRATION_ONLY = True`."""
+    return getattr(get_method(name), "CALIBRATION_ONLY", False)
+
+
 def get_method(name: str) -> ModuleType:
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")

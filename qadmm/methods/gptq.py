@@ -31,6 +31,7 @@ from qadmm.layerwise import walk
 from qadmm.spec import QuantResult, QuantSpec
 
 BIAS_CORRECTION = True  # measured on cnn-small Fashion-MNIST (docs/calibration.md): +0.1 / 0 / +3.8 / +1.1 points at 4/3/2/1 bits
+CALIBRATION_ONLY = True  # inputs only: unlabelled data will do
 RECALIBRATE = True  # nothing here trains BatchNorm: re-estimate its statistics afterwards
 
 

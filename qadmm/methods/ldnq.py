@@ -42,6 +42,7 @@ from qadmm.spec import QuantResult, QuantSpec
 from qadmm.train import check_loss, predict, seed_everything
 
 BIAS_CORRECTION = True  # as for gptq (docs/calibration.md)
+CALIBRATION_ONLY = True  # inputs only: unlabelled data will do
 RECALIBRATE = True  # the cascade may move BatchNorm a little, never onto the quantized statistics
 
 

@@ -14,6 +14,7 @@ from qadmm.layers import select_layers
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec, apply_codes
 
 
+CALIBRATION_ONLY = True  # inputs only: unlabelled data will do
 RECALIBRATE = True  # nothing here trains BatchNorm: re-estimate its statistics afterwards
 
 

@@ -169,7 +169,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     from qadmm.zoo import NAMES
     from qexport import api
     from qexport.checkpoint import card_path
-    from qexport.describe import describe_preprocessing
+    from qexport.describe import describe_agreement, describe_preprocessing
     from qexport.fileio import check_output_path
 
     if list_methods:
@@ -205,10 +205,14 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     digest = art.save(out)
     m = art.meta
     acc = m["accuracy"]
-    click.echo(f"{name} on {data.name} ({len(data.y_test)} test samples), {method}, {art.bits_summary}"
+    click.echo(f"{name} on {data.name} ({len(data.x_test)} test samples), {method}, {art.bits_summary}"
                f"{', per-channel' if per_channel else ''}; input {describe_preprocessing(m['preprocessing'])}:")
-    click.echo(f"  float     test accuracy {acc['float_test']:6.2f}%")
-    click.echo(f"  quantized test accuracy {acc['quantized_test']:6.2f}%   ({m['method']['seconds']:.1f} s)")
+    if acc["float_test"] is not None:
+        click.echo(f"  float     test accuracy {acc['float_test']:6.2f}%")
+        click.echo(f"  quantized test accuracy {acc['quantized_test']:6.2f}%   ({m['method']['seconds']:.1f} s)")
+    else:  # unlabelled data: how close the quantized model's outputs are to the float model's
+        click.echo(f"  agreement with the float model on the test inputs: {describe_agreement(m['agreement'])}"
+                   f"   ({m['method']['seconds']:.1f} s)")
     table = layer_table(m["history"])
     if table:
         click.echo(table)

@@ -141,7 +141,7 @@ def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report,
         check_output_path(report, [model_path, artifact, data_file(data_name)])
     art = load_artifact(artifact)
     data = _dataset(art, data_name, data_dir, seed)
-    x, y = data.x_test[:max_samples], data.y_test[:max_samples]
+    x, y = data.x_test[:max_samples], data.y_test[:max_samples] if data.labelled else None
     tol = Tolerance(rel=rel_tol, steps=step_tol)
     if min_agreement is not None:
         tol.agreement_weights = tol.agreement_integer = min_agreement
@@ -176,7 +176,9 @@ def format_report(rep: dict) -> str:
         verdict = "PASS" if r["passed"] else ("not judged" if key == "ort_defaults" or r.get("judged") is False else "FAIL")
         a = f"{r['accuracy']:.2f}%" if r["accuracy"] is not None else "-"
         cfg = " ".join(f"{k}={v}" for k, v in r["session_config"].items()) or ("default session settings" if r["level"] == "all" else "")
-        lines.append(f"  {key:18s} {verdict:10s} acc {a:8s} agree {r['top1_agreement']:.2f}%  {err}" + (f"  [{cfg}]" if cfg else ""))
+        sqnr = f"SQNR {r['sqnr_db']:.1f} dB" if r.get("sqnr_db") is not None else "identical"
+        lines.append(f"  {key:18s} {verdict:10s} acc {a:8s} agree {r['top1_agreement']:.2f}%  {sqnr}  {err}"
+                     + (f"  [{cfg}]" if cfg else ""))
         if r.get("reference"):
             lines.append(f"    against: {r['reference']}")
         fd = r.get("first_divergence")
@@ -243,6 +245,8 @@ def run(model_path, data_name, data_dir, seed, input_path, output, batch_size, r
     from qexport.workflow import load_data
 
     data = load_data(data_name, data_dir, seed, None)
+    if not data.labelled:
+        raise UserError(f"dataset {data.name!r} has no labels: `run --data` measures accuracy; use --input X.npy for outputs")
     logits = runner.predict(sess, data.x_test, 256)
     if logits.ndim != 2:
         raise UserError(f"the graph's first output has shape {logits.shape[1:]} per sample; `run --data` expects class scores")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from qadmm.errors import BadFile, UserError
+from qadmm.train import agreement
 from qexport.graph import apply_op, evaluate, fuse
 from qexport.onnx.builder import integer_layer, qname, read_metadata
 from qexport.onnx.integer import QParams, from_uint8, to_uint8
@@ -257,12 +258,14 @@ def _layerwise_run(model, level: str, config: dict, art, ops: list[Op], qp: dict
 
 def check_signature(model, art, model_path: str) -> None:
     """The graph takes what the artifact's model takes (raw features of its input shape, any batch)
-    and returns logits of its class count: otherwise it was not exported from this artifact."""
+    and returns its output shape: otherwise it was not exported from this artifact."""
+    from qexport.artifact import output_shape
+
     def dims(vi) -> list:
         return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
 
     arch = art.meta["architecture"]
-    want_in, want_out = list(arch["input_shape"]), [arch["num_classes"]]
+    want_in, want_out = list(arch["input_shape"]), output_shape(arch)
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     got_in, got_out = dims(inputs[0])[1:], dims(model.graph.output[0])[1:]
@@ -296,16 +299,17 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
     for i in range(0, len(xt), batch_size):
         r = integer_reference(art, ops, qp, xt[i:i + batch_size], islands) if integer else float_reference(ops, xt[i:i + batch_size])
         refs.append(r[OUTPUT].numpy())
-    ref = np.concatenate(refs)
+    ref = np.concatenate(refs).reshape(len(xt), -1)  # per sample, flattened (any output shape)
+    classifier = "num_classes" in art.meta["architecture"]  # class scores: top-1 agreement is judged too
     step = float(qp[OUTPUT].scale) if integer else None
     if not integer:  # the float64 truth, and what fp32 arithmetic itself costs against it
         ops64 = float64_ops(art)
         ref64 = np.concatenate([evaluate(ops64, xt[i:i + batch_size].double())[OUTPUT].numpy()
-                                for i in range(0, len(xt), batch_size)])
+                                for i in range(0, len(xt), batch_size)]).reshape(len(xt), -1)
         scale64 = max(float(np.abs(ref64).max()), 1e-30)
         rel_torch = float(np.abs(ref.astype(np.float64) - ref64).max() / scale64)
         rel_allowed = max(tol.rel, tol.rel_factor * rel_torch)
-        top2 = np.sort(ref64, axis=1)[:, -2:] if ref64.shape[1] > 1 else np.zeros((len(ref64), 2))
+        top2 = np.sort(ref64, axis=1)[:, -2:] if ref64.shape[1] > 1 and classifier else np.zeros((len(ref64), 2))
         decisive = (top2[:, 1] - top2[:, 0]) > 2 * rel_allowed * scale64  # fp32 in any order keeps its top-1
     with torch.no_grad():
         fake = torch.cat([art.model(xt[i:i + batch_size]) for i in range(0, len(xt), batch_size)]).numpy()
@@ -313,7 +317,7 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
     div_ref = integer_reference(art, ops, qp, xt[:divergence_samples]) if integer else float_reference(ops, xt[:divergence_samples])
 
     def acc(logits):
-        return None if y is None else round(float((logits.argmax(1) == y).mean() * 100), 3)
+        return None if y is None or not classifier else round(float((logits.reshape(len(logits), -1).argmax(1) == y).mean() * 100), 3)
 
     report = {
         "model": str(model_path), "form": form, "artifact_sha256": art.sha256, "samples": int(len(x)),
@@ -334,10 +338,12 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
             got, layers = _layerwise_run(model, level, config, art, ops, qp, x, batch_size)
         else:
             got = _run(model, level, config, x, batch_size)[OUTPUT]
+        got = got.reshape(len(got), -1)
         d = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-        agree = float((got.argmax(1) == ref.argmax(1)).mean() * 100)
+        agree = float((got.argmax(1) == ref.argmax(1)).mean() * 100) if classifier else 100.0
         run = {"level": level, "session_config": config, "accuracy": acc(got), "top1_agreement": round(agree, 4),
-               "max_abs": float(d.max()), "mean_abs": float(d.mean())}
+               "max_abs": float(d.max()), "mean_abs": float(d.mean()),
+               **agreement(torch.as_tensor(ref), torch.as_tensor(got), False)}
         if layerwise:
             # judged layer by layer; the output's difference (ties carried on) is reported
             run["reference"] = "per layer: the reference op on onnxruntime's own inputs of the layer" + (
@@ -364,7 +370,7 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
             run["rel_error_pytorch_fp32"] = rel_torch
             run["rel_allowed"] = rel_allowed
             run["ambiguous_samples"] = int((~decisive).sum())
-            agree = float((got.argmax(1) == ref64.argmax(1))[decisive].mean() * 100) if decisive.any() else 100.0
+            agree = float((got.argmax(1) == ref64.argmax(1))[decisive].mean() * 100) if decisive.any() and classifier else 100.0
             run["top1_agreement_decisive"] = round(agree, 4)
             ok = run["rel_error"] <= rel_allowed and agree >= tol.agreement_weights
         if not layerwise:

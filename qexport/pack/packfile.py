@@ -25,7 +25,7 @@ from qadmm.codes import CodeSet
 from qadmm.errors import BadFile, UserError
 from qadmm.spec import LayerCodes
 from qexport.pack import bitpack
-from qexport.artifact import Artifact, reference_model, save_artifact
+from qexport.artifact import Artifact, describe_output, reference_model, save_artifact
 from qexport.fileio import atomic_path, read_header, read_safetensors
 
 FORMAT = "qexport-packed"
@@ -293,10 +293,10 @@ def describe_packed(path: str | Path, as_json: bool = False) -> str:
     prov = p.provenance
     lines = [f"{path}: qexport packed file, layout {p.layout_version} (sha256 {p.content_sha256[:16]}), "
              f"packed from artifact {p.source_sha256[:16]}",
-             f"model {arch.get('model')} input {tuple(arch.get('input_shape', ()))} classes {arch.get('num_classes')}; "
+             f"model {arch.get('model')} input {tuple(arch.get('input_shape', ()))} {describe_output(arch)}; "
              f"method {prov.get('method', {}).get('name', '?')}"]
     acc = prov.get("accuracy", {})
-    if "quantized_test" in acc:
+    if acc.get("quantized_test") is not None:
         lines.append(f"accuracy: float {acc['float_test']:.2f}%  quantized {acc['quantized_test']:.2f}%")
     header = f"{'layer':24s} {'shape':16s} {'codes':14s} {'width':>5s} {'encoding':16s} {'packed':>9s} {'scales':>7s} {'fp32':>9s} {'ratio':>6s}"
     lines += ["", header, "-" * len(header)]
