@@ -115,3 +115,26 @@ def build(name: str, seed: int = 0, x: torch.Tensor | None = None) -> nn.Module:
             m.momentum = 0.1
             m.eval()
     return model
+
+
+# Two zoo architectures trained on Fashion-MNIST (1x28x28) and shipped in models/ (see models/README.md):
+# torchvision's own classes with the stem adapted to one grey channel, as a user adapts them.
+
+def fashion_mobilenet_v2(input_shape=(1, 28, 28), num_classes: int = 10) -> nn.Module:
+    """MobileNetV2 at width 0.5, its first convolution taking 1 channel at stride 1 (28x28 is small)."""
+    tv = import_torchvision()
+    m = tv.models.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=0.5)
+    first = m.features[0][0]
+    m.features[0][0] = nn.Conv2d(input_shape[0], first.out_channels, 3, stride=1, padding=1, bias=False)
+    return m
+
+
+def fashion_vit(input_shape=(1, 28, 28), num_classes: int = 10) -> nn.Module:
+    """torchvision's VisionTransformer: 4x4 patches of the 28x28 image, 4 layers, 128 wide, 4 heads."""
+    import_torchvision()
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    m = VisionTransformer(image_size=input_shape[-1], patch_size=4, num_layers=4, num_heads=4, hidden_dim=128,
+                          mlp_dim=256, num_classes=num_classes)
+    m.conv_proj = nn.Conv2d(input_shape[0], 128, kernel_size=4, stride=4)
+    return m

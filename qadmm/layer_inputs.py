@@ -81,7 +81,15 @@ def times_input(w: torch.Tensor, v: torch.Tensor, n_groups: int = 1) -> torch.Te
 def for_each_input(model: nn.Module, layer: nn.Module, x: torch.Tensor, fn: Callable[[torch.Tensor], None],
                    batch_size: int = 256) -> None:
     """Run `model` (eval mode, no grad) on x in batches and call fn(rows) with each batch's input rows
-    of `layer`; the forward pass stops at the layer."""
+    of `layer`; the forward pass stops at the layer. A model that keeps its values between the
+    layers of a walk (a `stream_inputs(layer, x, batch_size)` method that returns the batches; see
+    `walk`) gives them without running the layers before again: the same rows, computed once."""
+    stream = getattr(model, "stream_inputs", None)
+    batches = stream(layer, x, batch_size) if stream is not None else None
+    if batches is not None:
+        for b in batches:
+            fn(as_rows(layer, b))
+        return
     def hook(_m, args):
         fn(as_rows(layer, args[0]))
         raise _Stop

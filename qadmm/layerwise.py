@@ -9,6 +9,7 @@ Hessian block per group (`layer_inputs`), which the solvers take as it is.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -42,25 +43,35 @@ def walk(model: nn.Module, x: torch.Tensor, spec: QuantSpec, solve: Solver, desc
          bn_samples: int, after: Callable[[str], dict] | None = None) -> tuple[dict[str, LayerCodes], list[dict]]:
     """Quantize `model`'s layers in place, in forward order, with `solve`; returns the codes and a per-layer
     log (relative output errors of nearest rounding and of the solver, the solver's own log, seconds).
-    `after(name)` runs once a layer is fixed (e.g. a retraining of the later layers) and adds to its log."""
+    `after(name)` runs once a layer is fixed (e.g. a retraining of the later layers) and adds to its log;
+    it may change that layer's bias and what comes after it, never what comes before (a model that
+    streams the calibration inputs through the walk, `streamed(x)`, keeps the values before)."""
     layers: dict[str, LayerCodes] = {}
     history = []
-    for name, m in tqdm(select_layers(model, spec), desc=desc, disable=not spec.progress):
-        t0 = time.perf_counter()
-        codes = spec.codes_for(name)
-        nearest = fit(m.weight.detach(), codes, spec.per_channel)
-        w = weight_matrix(m)
-        h = input_hessian(model, m, x)
-        q, alpha, solver_log = solve(w, h, codes)
-        layers[name] = layer_codes(q, alpha, m.weight.shape, codes, spec.per_channel)
-        base = max(output_error(w, h), 1e-30)
-        log = {"out_err_nearest": output_error(w - nearest.dequantize().reshape(len(w), -1), h) / base,
-               "out_err": output_error(w - layers[name].weight().reshape(len(w), -1), h) / base, **solver_log}
-        with torch.no_grad():
-            m.weight.copy_(layers[name].weight())
-        if after is not None:
-            log.update(after(name))
-        if bn_each_layer:
-            reestimate_bn(model, x[:bn_samples])
-        history.append({"layer": name, **log, "seconds": round(time.perf_counter() - t0, 2)})
+    streamed = getattr(model, "streamed", None)  # a model that runs x through once for the whole walk
+    with streamed(x) if streamed is not None else nullcontext():
+        for name, m in tqdm(select_layers(model, spec), desc=desc, disable=not spec.progress):
+            history.append(_layer(model, name, m, x, spec, solve, layers, bn_each_layer, bn_samples, after))
     return layers, history
+
+
+def _layer(model: nn.Module, name: str, m: nn.Module, x: torch.Tensor, spec: QuantSpec, solve: Solver,
+           layers: dict[str, LayerCodes], bn_each_layer: bool, bn_samples: int, after: Callable[[str], dict] | None) -> dict:
+    """One step of the walk: layer `name` solved, written as α·Q; its log."""
+    t0 = time.perf_counter()
+    codes = spec.codes_for(name)
+    nearest = fit(m.weight.detach(), codes, spec.per_channel)
+    w = weight_matrix(m)
+    h = input_hessian(model, m, x)
+    q, alpha, solver_log = solve(w, h, codes)
+    layers[name] = layer_codes(q, alpha, m.weight.shape, codes, spec.per_channel)
+    base = max(output_error(w, h), 1e-30)
+    log = {"out_err_nearest": output_error(w - nearest.dequantize().reshape(len(w), -1), h) / base,
+           "out_err": output_error(w - layers[name].weight().reshape(len(w), -1), h) / base, **solver_log}
+    with torch.no_grad():
+        m.weight.copy_(layers[name].weight())
+    if after is not None:
+        log.update(after(name))
+    if bn_each_layer:
+        reestimate_bn(model, x[:bn_samples])
+    return {"layer": name, **log, "seconds": round(time.perf_counter() - t0, 2)}

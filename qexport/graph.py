@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import operator
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -317,6 +318,46 @@ class GraphModel(nn.Module):
         for op in self.graph.ops:
             vals[op.out] = KINDS[op.kind].run(op, [vals[i] for i in op.inputs])
         return vals[OUTPUT]
+
+    # -- the calibration walk, one layer at a time (see `qadmm.layer_inputs.for_each_input`) -----
+    @contextmanager
+    def streamed(self, x: torch.Tensor):
+        """Within this block `stream_inputs(layer, x, ...)` runs the calibration inputs `x` through
+        the graph once in all, not once per layer: the values every later op needs are kept
+        between layers, each op computed with the weights it has when the walk reaches it. Valid
+        for a walk in forward order that only changes layers at or after the one it reached."""
+        self._stream = {"x": x, "pos": 0, "vals": None, "batch": None}
+        try:
+            yield self
+        finally:
+            self._stream = None
+
+    @torch.no_grad()
+    def stream_inputs(self, layer: nn.Module, x: torch.Tensor, batch_size: int) -> list[torch.Tensor] | None:
+        """The input of `layer` per batch of `x` (eval mode), computed from where the walk stands;
+        None outside `streamed(x)`, or for other inputs or batches (the caller runs the model)."""
+        st = getattr(self, "_stream", None)
+        ops = self.graph.ops
+        at = next((k for k, op in enumerate(ops) if op.module is layer), None)
+        if st is None or st["x"] is not x or at is None or (st["batch"] not in (None, batch_size)):
+            return None
+        if st["vals"] is None or st["pos"] > at:  # (re)start from the input
+            st.update(vals=[{INPUT: x[i:i + batch_size]} for i in range(0, len(x), batch_size)], pos=0, batch=batch_size)
+        last = {v: k for k, op in enumerate(ops) for v in op.inputs}  # the last op reading each value
+        was_training = self.training
+        self.eval()
+        try:
+            for k in range(st["pos"], at):
+                op = ops[k]
+                for vals in st["vals"]:
+                    vals[op.out] = KINDS[op.kind].run(op, [vals[i] for i in op.inputs])
+                    for i in set(op.inputs):
+                        if last[i] == k:
+                            del vals[i]
+        finally:
+            self.train(was_training)
+        st["pos"] = at
+        return [vals[ops[at].inputs[0]] for vals in st["vals"]]
 
 
 def apply_op(op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
