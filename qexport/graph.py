@@ -367,6 +367,8 @@ def apply_op(op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
         y = op.bn(y)
     if op.relu:
         y = torch.relu(y)
+    if op.relu_max is not None:
+        y = torch.clamp(y, max=op.relu_max)  # relu then this: F.relu6 / hardtanh(0, max), value for value
     return y
 
 
@@ -380,8 +382,10 @@ def evaluate(ops: list[Op], x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def fuse(graph: Graph) -> list[Op]:
-    """The ops for export: a BatchNorm and then a ReLU folded into the linear/conv before them (a
-    ReLU also into an add) where that op is their only producer and they its only consumer."""
+    """The ops for export: a BatchNorm and then a ReLU or ReLU6 folded into the linear/conv before
+    them (also into an add) where that op is their only producer and they its only consumer. A
+    folded ReLU6 makes the value's uint8 range [0, hi <= 6]: the integer kernel's clamp is the clip,
+    as onnxruntime's quantizer fuses it, instead of a float island quantizing the conv's wider range."""
     uses: dict[str, int] = {OUTPUT: 1}
     for op in graph.ops:
         for i in op.inputs:
@@ -394,6 +398,9 @@ def fuse(graph: Graph) -> list[Op]:
             prev.bn, prev.bn_name, prev.out = op.module, op.name, op.out
         elif single and op.kind == "relu" and prev.kind in ("linear", "conv", "add") and not prev.relu:
             prev.relu, prev.out = True, op.out
+        elif single and op.kind in ("relu6", "hardtanh") and op.attrs.get("min_val") == 0.0 and op.attrs["max_val"] > 0 \
+                and prev.kind in ("linear", "conv", "add") and not prev.relu:
+            prev.relu, prev.relu_max, prev.out = True, float(op.attrs["max_val"]), op.out
         else:
             fused.append(copy.copy(op))
     return fused

@@ -250,6 +250,14 @@ class QParamInits:
         return out
 
 
+def relu_node(b: Builder, op: Op, x: str, out: str) -> str:
+    """A folded ReLU: Relu, or Clip(0, max) for a ReLU6."""
+    if op.relu_max is None:
+        return b.node("Relu", [x], out)
+    lo, hi = b.init(f"{out}.clip_min", np.float32(0.0)), b.init(f"{out}.clip_max", np.float32(op.relu_max))
+    return b.node("Clip", [x, lo, hi], out)
+
+
 def bn_node(b: Builder, bn: nn.Module, prefix: str, x: str, out: str) -> str:
     """Eval-mode BatchNormalization with the module's statistics (exact float semantics)."""
     c = bn.num_features

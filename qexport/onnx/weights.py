@@ -10,7 +10,7 @@ them at load, fp32 speed under default settings) or DequantizeLinear (`dequant`,
 """
 from __future__ import annotations
 
-from qexport.onnx.builder import Builder, bn_node, finish, metadata, narrowest_type
+from qexport.onnx.builder import Builder, bn_node, finish, metadata, narrowest_type, relu_node
 from qexport.ops import KINDS
 from qexport.ops.base import Ctx, Op
 
@@ -22,7 +22,7 @@ def emit_float_op(ctx: Ctx, op: Op, ins: list[str], out: str) -> str:
     y = KINDS[op.kind].onnx(ctx, op, ins, out if not post else f"{out}.core")
     for i, p in enumerate(post):
         name = out if i == len(post) - 1 else f"{out}.{p}_in"
-        y = bn_node(ctx.b, op.bn, op.bn_name, y, name) if p == "bn" else ctx.b.node("Relu", [y], name)
+        y = bn_node(ctx.b, op.bn, op.bn_name, y, name) if p == "bn" else relu_node(ctx.b, op, y, name)
     return y
 
 

@@ -37,7 +37,8 @@ class Op:
     `name` is the module's qualified name (modules) or the traced node's name (functions); `out`
     names the value it produces (also its ONNX tensor name). `attrs` are JSON values: everything
     needed to rebuild the module and emit ONNX. After fusion for export, `bn` is a BatchNorm folded
-    after a linear/conv (`bn_name` its module name) and `relu` a ReLU folded after it.
+    after a linear/conv (`bn_name` its module name) and `relu` a ReLU (or with `relu_max`, a ReLU6)
+    folded after it.
     """
 
     kind: str
@@ -49,6 +50,7 @@ class Op:
     bn: nn.Module | None = None
     bn_name: str | None = None
     relu: bool = False
+    relu_max: float | None = None  # a ReLU6 (Hardtanh(0, max)) folded in: relu, then clamp at this
     consts: list | None = None  # bound constant tensors of an `aten` op (attrs["consts"] names them)
 
     def to_json(self) -> dict[str, Any]:
