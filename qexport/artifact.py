@@ -251,6 +251,7 @@ def pack_tensors(model: nn.Module, layers: dict[str, LayerCodes], meta: dict[str
     tensors: dict[str, torch.Tensor] = {}
     state = model.state_dict()
     state = {**graph.constants, **state}
+    state.update({k: state[v] for k, v in graph.renames.items() if k not in state})
     used = GraphModel(graph).state_dict()
     linear = {op.name for op in graph.ops if op.kind in QUANTIZED_KINDS}  # a weight an `aten` op reads stays float
     layers = {name: lc for name, lc in layers.items() if name in linear}

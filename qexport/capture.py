@@ -117,6 +117,7 @@ def capture(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> "Grap
     ops: list[Op] = []
     shapes: dict[str, list[int]] = {INPUT: list(input_shape)}
     constants: dict[str, torch.Tensor] = {}
+    renames: dict[str, str] = {}  # a Linear made of raw parameters: its weight/bias -> the user's names
     batch = None
 
     def refuse(node, what: str) -> UserError:
@@ -348,7 +349,7 @@ def capture(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> "Grap
         if isinstance(val, (tuple, list)):
             env[node.name] = ("multi", node)
             continue
-        if node.target is aten.linear.default and _module_linear(node, env, modules, add):
+        if node.target is aten.linear.default and _module_linear(node, env, modules, add, renames, {op.name for op in ops}):
             continue
         fn = FUNCTIONS.get(node.target)
         if fn is not None and _kind_call(fn, node, env, batch_leading, add):
@@ -361,7 +362,7 @@ def capture(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> "Grap
         if op.out == output:
             op.out = OUTPUT
     shapes[OUTPUT] = shapes.pop(output)
-    return bind(Graph(ops, list(input_shape), shapes, constants, "torch.export"), model)
+    return bind(Graph(ops, list(input_shape), shapes, constants, "torch.export", renames), model)
 
 
 class _NotConst(Exception):
@@ -398,13 +399,28 @@ def _kind_call(fn, node, env: dict, batch_leading, add) -> bool:
     return True
 
 
-def _module_linear(node, env: dict, modules: dict, add) -> bool:
+def _module_linear(node, env: dict, modules: dict, add, renames: dict, names: set) -> bool:
     """F.linear(x, P.weight, P.bias) of a Linear module P that is not called itself (attention's
-    output projection): the Linear layer P, quantized like any other."""
+    output projection): the Linear layer P, quantized like any other. F.linear on parameters of no
+    Linear (nn.MultiheadAttention's packed `in_proj_weight`): a Linear layer named after the weight
+    (`...in_proj`), its weight and bias read from the user's parameters (`renames`)."""
     x, w, b = (list(node.args) + [None])[:3]
     wv, bv = env.get(w.name), env.get(b.name) if isinstance(b, torch.fx.Node) else None
-    if not (isinstance(env.get(x.name), Val) and isinstance(wv, Const) and wv.name.endswith(".weight")):
+    if not (isinstance(env.get(x.name), Val) and isinstance(wv, Const) and not wv.name.startswith("folded.")
+            and wv.tensor.dim() == 2 and wv.tensor.is_floating_point()):
         return False
+    if not wv.name.endswith(".weight"):
+        if b is not None and not (isinstance(bv, Const) and not bv.name.startswith("folded.") and bv.tensor.shape == wv.tensor.shape[:1]):
+            return False
+        path = wv.name[:-len("_weight")] if wv.name.endswith("_weight") else f"{wv.name}_linear"
+        if path in modules or path in names or f"{path}.weight" in renames:
+            return False
+        renames[f"{path}.weight"] = wv.name
+        if b is not None:
+            renames[f"{path}.bias"] = bv.name
+        attrs = {"in_features": int(wv.tensor.shape[1]), "out_features": int(wv.tensor.shape[0]), "bias": b is not None}
+        add("linear", path, [env[x.name].name], node.name, attrs, node)
+        return True
     path = wv.name[:-len(".weight")]
     m = modules.get(path)
     if not isinstance(m, nn.Linear) or (m.bias is None) != (b is None) or (b is not None and not (

@@ -38,6 +38,8 @@ class Graph:
     # tensors a torch.export capture computed once (`folded.<node>`), saved with the model's own
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     source: str = "torch.fx"  # what captured it: "torch.fx" or "torch.export" (`qexport.capture`)
+    # a Linear op a capture made of raw parameters: its state name -> the user's parameter (`rebuilt`)
+    renames: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"ops": [op.to_json() for op in self.ops], "input_shape": list(self.input_shape),
@@ -252,11 +254,14 @@ def bind(graph: Graph, model: nn.Module) -> Graph:
     ops = []
     for op in graph.ops:
         o = copy.copy(op)
-        o.module = model.get_submodule(op.name) if KINDS[op.kind].parametric else None
+        try:  # (a Linear a capture made of raw parameters is a module of the rebuilt graph only)
+            o.module = model.get_submodule(op.name) if KINDS[op.kind].parametric else None
+        except AttributeError:
+            o.module = None
         if op.attrs.get("consts"):
             o.consts = [_tensor_at(model, n, graph) for n, _, _ in op.attrs["consts"]]
         ops.append(o)
-    return Graph(ops, graph.input_shape, graph.shapes, graph.constants, graph.source)
+    return Graph(ops, graph.input_shape, graph.shapes, graph.constants, graph.source, graph.renames)
 
 
 def rebuilt(graph: Graph, model: nn.Module) -> "GraphModel":
@@ -265,7 +270,9 @@ def rebuilt(graph: Graph, model: nn.Module) -> "GraphModel":
     a module call (attention's output projection is not one in the user's model) in forward order."""
     g = GraphModel(graph)
     want = g.state_dict()
-    g.load_state_dict({k: v for k, v in {**graph.constants, **model.state_dict()}.items() if k in want})
+    state = {**graph.constants, **model.state_dict()}
+    state.update({k: state[v] for k, v in graph.renames.items()})
+    g.load_state_dict({k: v for k, v in state.items() if k in want})
     return g.eval()
 
 

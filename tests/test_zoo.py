@@ -97,6 +97,9 @@ def test_torchvision_model_quantizes_exports_and_verifies(tmp_path, images, fact
     out = run_cli(["quantize", "--model", f"{src}:{factory}", "--checkpoint", str(tmp_path / "w.pt"), "--data", str(images),
                    "--method", "ptq", "--bits", "8", "--per-channel", "-q", "-o", str(art)])
     assert "quantized test accuracy" in out
+    if factory == "vit":  # every Linear of attention is quantized, nn.MultiheadAttention's packed in_proj too
+        shown = run_cli(["inspect", str(art)])
+        assert "self_attention.in_proj" in shown and "self_attention.out_proj" in shown, shown
     src.unlink()  # every later step works from the artifact alone
     for form in ("weights", "qdq", "qoperator"):
         onnx_path = tmp_path / f"{form}.onnx"

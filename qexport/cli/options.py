@@ -76,7 +76,8 @@ def data_options(f):
                      help="Folder with DIR/<dataset>/<original files> (default: $QEXPORT_DATA, else ./data).")(f)
     f = click.option("--data", "data_name", default="digits", show_default=True,
                      help="Dataset name (digits, seeds, pendigits, mnist, mnist-10k, fashion-mnist, cifar10, cifar100) "
-                          "or a path to a .npz / .csv file.")(f)
+                          "or a path to a .npz / .csv file (an .npz of x_train, y_train, x_test, y_test; or just x: "
+                          "unlabelled inputs, for ptq/gptq/ldnq and models of any output).")(f)
     return f
 
 
