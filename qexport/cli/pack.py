@@ -43,8 +43,10 @@ def pack(artifact, output):
                                for lay in packed.layers})) or "no quantized layers"
     click.echo(f"{len(packed.layers)} quantized layers ({widths}): payload {s['payload']} B, scales {s['scales']} B, "
                f"float tensors {s['floats']} B")
-    click.echo(f"wrote {out}: {packed.file_bytes} bytes ({s['float32_model'] / packed.file_bytes:.1f}x smaller than "
-               f"float32, {s['float32_model']} B)  sha256 {packed.content_sha256[:12]}")
+    ratio = s["float32_model"] / packed.file_bytes
+    than = f"{ratio:.1f}x smaller than" if ratio >= 1 else f"{1 / ratio:.1f}x larger than (the stored graph outweighs the weights)"
+    click.echo(f"wrote {out}: {packed.file_bytes} bytes ({than} float32, {s['float32_model']} B)  "
+               f"sha256 {packed.content_sha256[:12]}")
 
 
 @click.command()

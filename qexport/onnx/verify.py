@@ -176,7 +176,7 @@ def check_initializers(model, art, ops: list[Op], qp: dict[str, QParams] | None,
         if op.kind not in ("linear", "conv") or op.name not in art.layers:
             continue
         lc = art.layers[op.name]
-        if form == "weights" or not KINDS[op.kind].integer_kernel(Ctx(None, art.layers, shapes=art.graph.shapes), op):
+        if form == "weights":
             want = {"codes": lc.q.numpy(), "alpha": lc.alpha.numpy()}
         else:
             il = integer_layer(op, lc, qp[op.inputs[0]].scale)

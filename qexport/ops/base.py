@@ -135,11 +135,6 @@ class Kind:
         """onnxruntime's integer arithmetic on uint8 inputs (as int64); None: float island."""
         return None
 
-    def integer_kernel(self, ctx: Ctx, op: Op) -> bool:
-        """Whether a quantized layer of this kind runs as an integer kernel in the integer forms
-        (else, a float island, it reads its codes as the weights form does)."""
-        return True
-
     # -- kinds that read the raw float input (`float_input`) ------------------------------------
     def calibrated(self, op: Op, p: Any, lo: float) -> Any:
         """The uint8 parameters (QParams) of this op's value, given the calibrated ones and the

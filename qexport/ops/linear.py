@@ -1,4 +1,8 @@
-"""nn.Linear: QGemm (com.microsoft) in QOperator graphs, DQ -> Gemm in QDQ, Gemm in float."""
+"""nn.Linear: QGemm (com.microsoft) in QOperator graphs, DQ -> Gemm in QDQ, Gemm in float.
+
+On tokens (batch, ..., features), as in a transformer, the integer forms reshape the uint8 input
+to rows (exact: reshaping moves values), run the same QGemm, and reshape the rows back; the float
+form uses MatMul + Add."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,11 +29,8 @@ class Linear(Kind):
 
     @staticmethod
     def on_rows(ctx: Ctx, op: Op) -> bool:
-        """Its input is (batch, features): Gemm and the integer kernels; else (tokens) MatMul in float."""
+        """Its input is (batch, features); else tokens (batch, ..., features)."""
         return len(ctx.shapes.get(op.inputs[0], [0])) == 1
-
-    def integer_kernel(self, ctx: Ctx, op: Op) -> bool:
-        return self.on_rows(ctx, op)
 
     def build(self, attrs: dict) -> nn.Module:
         return nn.Linear(attrs["in_features"], attrs["out_features"], bias=attrs["bias"])
@@ -44,23 +45,49 @@ class Linear(Kind):
         return b.node("Add", [y, bias[0]], out) if bias else y
 
     def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if op.name not in ctx.layers or not self.on_rows(ctx, op):
+        if op.name not in ctx.layers:
             return False
         _, (w, ws, wz, bias) = int_weight(ctx, op)
-        ctx.b.node("QGemm", [ins[0], *ctx.qpi(op.inputs[0]), w, ws, wz, bias, *ctx.qpi(op.out)], out, domain=MS_DOMAIN, transB=1)
+        x = ins[0] if self.on_rows(ctx, op) else to_rows(ctx, op, ins[0])
+        y = ctx.b.node("QGemm", [x, *ctx.qpi(op.inputs[0]), w, ws, wz, bias, *ctx.qpi(op.out)],
+                       out if self.on_rows(ctx, op) else f"{out}.rows", domain=MS_DOMAIN, transB=1)
+        if not self.on_rows(ctx, op):
+            from_rows(ctx, op, y, ins[0], out)
         return True
 
     def qdq(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if op.name not in ctx.layers or not self.on_rows(ctx, op):
+        if op.name not in ctx.layers:
             return False
-        ctx.b.node("Gemm", [ins[0], *dq_weight_and_bias(ctx, op)], out, transB=1)
+        x = ins[0] if self.on_rows(ctx, op) else to_rows(ctx, op, ins[0])
+        y = ctx.b.node("Gemm", [x, *dq_weight_and_bias(ctx, op)], out if self.on_rows(ctx, op) else f"{out}.rows", transB=1)
+        if not self.on_rows(ctx, op):
+            from_rows(ctx, op, y, ins[0], out)
         return True
 
     def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
-        if op.name not in ctx.layers or not self.on_rows(ctx, op):
+        if op.name not in ctx.layers:
             return None
         il = integer_layer(op, ctx.layers[op.name], ctx.qp[op.inputs[0]].scale)
-        return qlinear(il, qs[0], ctx.qp[op.inputs[0]], ctx.qp[op.out], lambda x, w: x @ w.T)
+        x = qs[0].reshape(-1, qs[0].shape[-1])
+        y = qlinear(il, x, ctx.qp[op.inputs[0]], ctx.qp[op.out], lambda x, w: x @ w.T)
+        return y.reshape(*qs[0].shape[:-1], y.shape[-1])
+
+
+def to_rows(ctx: Ctx, op: Op, x: str) -> str:
+    """(batch, ..., features) -> (rows, features)."""
+    b = ctx.b
+    return b.node("Reshape", [x, b.init(f"{op.out}.rows_shape", np.array([-1, op.attrs["in_features"]], np.int64))],
+                  f"{op.out}.in_rows")
+
+
+def from_rows(ctx: Ctx, op: Op, y: str, x: str, out: str) -> str:
+    """(rows, out_features) -> (batch, ..., out_features), the leading axes read from the input x."""
+    b = ctx.b
+    lead = b.node("Slice", [b.node("Shape", [x], f"{op.out}.in_shape"), b.init(f"{op.out}.lead_start", np.array([0], np.int64)),
+                            b.init(f"{op.out}.lead_end", np.array([-1], np.int64))], f"{op.out}.lead")
+    shape = b.node("Concat", [lead, b.init(f"{op.out}.features", np.array([op.attrs["out_features"]], np.int64))],
+                   f"{op.out}.out_shape", axis=0)
+    return b.node("Reshape", [y, shape], out)
 
 
 def dq_weight_and_bias(ctx: Ctx, op: Op) -> list[str]:
