@@ -11,9 +11,11 @@ network's would be); then, per model:
 - qexport, per `--runs` entry (method:bits, per channel): `quantize` (or its refusal, one line),
   then `to_onnx` and `verify` in every form: seconds, PASSED/FAILED (with the differing steps) and
   top-1 agreement with the PyTorch fp32 model.
+- the speed of every graph (fp32, onnxruntime's and qexport's int8 ones): median milliseconds per
+  run at batch 1 and 32 under onnxruntime's default settings, and ours over onnxruntime's.
 
 Lines go to `--out` (JSON Lines, one per model, appended as they finish; a re-run skips the models
-already there) and a Markdown table is printed at the end (`--table` prints it from `--out` alone).
+already there) and two Markdown tables are printed at the end (`--table` prints them from `--out`).
 
     apt-get install dataset-fashion-mnist              # the calibration and test images
     pip install torchvision==0.28.0 timm              # beside torch==2.13.0 (see zoo_models.py)
@@ -71,6 +73,14 @@ def session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def speed(path: Path, x: np.ndarray) -> dict:
+    """Median milliseconds per run at batch 1 and 32 (onnxruntime's default settings, its threads)."""
+    from qexport.onnx.runner import latency
+
+    sess = session(path)
+    return {str(bs): round(latency(sess, x, bs, repeats=20, warmup=3).median_ms, 3) for bs in (1, 32)}
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
@@ -90,7 +100,8 @@ def onnxruntime_steps(model, x_train, x_test, ref, tmp: Path) -> dict:
                           opset_version=17)
     except Exception as e:  # the exporter's own refusal, recorded as the step's result
         return {"export": {"ok": False, "error": first_line(e)}}
-    rec["export"] = {"ok": True, "seconds": round(time.perf_counter() - t, 2), "agreement": agreement(session(fp32), x_test, ref)}
+    rec["export"] = {"ok": True, "seconds": round(time.perf_counter() - t, 2), "agreement": agreement(session(fp32), x_test, ref),
+                     "ms": speed(fp32, x_test)}
     pre = tmp / "fp32.pre.onnx"
     t = time.perf_counter()
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
@@ -110,7 +121,7 @@ def onnxruntime_steps(model, x_train, x_test, ref, tmp: Path) -> dict:
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             seconds = round(time.perf_counter() - t + pre_seconds, 2)
-            rec[fmt] = {"ok": True, "seconds": seconds, "agreement": agreement(session(out), x_test, ref)}
+            rec[fmt] = {"ok": True, "seconds": seconds, "agreement": agreement(session(out), x_test, ref), "ms": speed(out, x_test)}
         except Exception as e:  # a file onnxruntime writes but cannot load counts as a failure of its pipeline
             rec[fmt] = {"ok": False, "error": first_line(e)}
     return rec
@@ -138,6 +149,7 @@ def qexport_steps(model, data, method: str, bits: int, calib: int, x_test, ref, 
             runs = report.get("runs", {})
             rec[form] = {"ok": True, "export_seconds": round(export_s, 2), "verify_seconds": round(time.perf_counter() - t, 2),
                          "passed": report["passed"], "agreement": agreement(session(path), x_test, ref),
+                         "ms": speed(path, x_test),
                          "runs": {k: {kk: v[kk] for kk in ("passed", "max_steps", "max_steps_layerwise", "rel_error", "rel_allowed",
                                                           "top1_agreement") if kk in v}
                                   for k, v in runs.items()}}
@@ -172,6 +184,22 @@ def table(lines: list[dict]) -> str:
     return "\n".join(out)
 
 
+def speed_table(lines: list[dict], run: str = "ptq 8b") -> str:
+    """Milliseconds per batch of 1 / 32 of every graph, and ours over onnxruntime's (same format)."""
+    head = ["model", "fp32", "ort qdq", "ort qoperator", f"{run} qdq", f"{run} qoperator", "ours / ort (qdq, qop; b1 / b32)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rec in lines:
+        o, q = rec["onnxruntime"], rec["qexport"].get(run, {})
+        cells = [o.get("export"), o.get("qdq"), o.get("qoperator"), q.get("qdq"), q.get("qoperator")]
+        ms = [c.get("ms") if c and c.get("ok") else None for c in cells]
+        if not any(ms):
+            continue
+        row = [rec["model"], *(f"{m['1']:.2f} / {m['32']:.1f}" if m else "-" for m in ms)]
+        ratios = [f"{a[b] / o_[b]:.2f}" for a, o_ in ((ms[3], ms[1]), (ms[4], ms[2])) if a and o_ for b in ("1", "32")]
+        out.append("| " + " | ".join(row + [", ".join(ratios) or "-"]) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(ZOO), help="comma-separated names of zoo_models.ZOO")
@@ -180,11 +208,13 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=500, help="test images (agreement, verify)")
     ap.add_argument("--data-dir", default=None, help="where fashion-mnist/ is (default: the Debian package's folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "zoo.jsonl")
-    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--table", action="store_true", help="print the tables of --out and stop")
     args = ap.parse_args()
     done = [json.loads(s) for s in args.out.read_text().splitlines() if s.strip()] if args.out.is_file() else []
     if args.table:
         print(table(done))
+        print()
+        print(speed_table(done))
         return
     from qexport import api
 
@@ -209,6 +239,8 @@ def main() -> None:
             f.write(json.dumps(rec) + "\n")
         done.append(rec)
     print(table(done))
+    print()
+    print(speed_table(done))
 
 
 if __name__ == "__main__":
