@@ -380,11 +380,17 @@ def apply_op(op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(ops: list[Op], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every op's float output for input x (eval-mode modules)."""
+def evaluate(ops: list[Op], x: torch.Tensor, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every op's float output for input x (eval-mode modules); with `keep` False, each value is
+    freed after its last reader (the output and what no op reads stay)."""
     vals = {INPUT: x}
-    for op in ops:
+    last = {v: k for k, op in enumerate(ops) for v in op.inputs}
+    for k, op in enumerate(ops):
         vals[op.out] = apply_op(op, [vals[i] for i in op.inputs])
+        if not keep:
+            for i in set(op.inputs):
+                if last.get(i) == k and i != OUTPUT:
+                    vals.pop(i, None)
     return vals
 
 

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from qadmm.errors import UserError
-from qexport.graph import evaluate
+from qexport.graph import apply_op
 from qexport.onnx.integer import QParams
 from qexport.onnx.qoperator import reads_input
 from qexport.ops import KINDS
@@ -55,6 +55,23 @@ def quantized_values(ops: list[Op]) -> list[str]:
     return raw + [op.out for op in ops if not KINDS[op.kind].pass_through]
 
 
+@torch.no_grad()
+def values(ops: list[Op], x: torch.Tensor, wanted: set[str]):
+    """(value, tensor) for each wanted value as the float graph computes it on x, each freed after
+    its last reader (a large graph's values would not all fit in memory at once)."""
+    vals = {INPUT: x}
+    last = {v: k for k, op in enumerate(ops) for v in op.inputs}
+    if INPUT in wanted:
+        yield INPUT, x
+    for k, op in enumerate(ops):
+        vals[op.out] = apply_op(op, [vals[i] for i in op.inputs])
+        if op.out in wanted:
+            yield op.out, vals[op.out]
+        for i in set(op.inputs):
+            if last.get(i) == k:
+                vals.pop(i, None)
+
+
 def calibrate(ops: list[Op], x_train: np.ndarray, cfg: CalibConfig, progress: bool = True) -> dict[str, QParams]:
     """QParams for every value of `ops` (pass-through values share their input's)."""
     if cfg.method not in RANGES:
@@ -72,9 +89,8 @@ def calibrate(ops: list[Op], x_train: np.ndarray, cfg: CalibConfig, progress: bo
     q = cfg.percentile / 100.0
     for i in tqdm(range(n_batches), desc="calibrate", disable=not progress, leave=False):
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        vals = evaluate(ops, torch.as_tensor(x_train[idx]))
-        for v in wanted:
-            t = vals[v].detach().flatten().to(torch.float64).numpy()
+        for v, value in values(ops, torch.as_tensor(x_train[idx]), set(wanted)):
+            t = value.detach().flatten().to(torch.float64).numpy()
             if cfg.method == "minmax":
                 lo[v].append(t.min())
                 hi[v].append(t.max())

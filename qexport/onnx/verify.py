@@ -60,16 +60,23 @@ class Tolerance:
 
 @torch.no_grad()
 def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor,
-                      islands: set[str] | None = None) -> dict[str, torch.Tensor]:
+                      islands: set[str] | None = None, every_value: bool = True) -> dict[str, torch.Tensor]:
     """Every uint8 value of the qdq/qoperator graph (as int64 tensors, keyed by tensor name), and
     the float `logits`, computed from the artifact with onnxruntime's integer arithmetic; the
-    values computed by float islands are added to `islands` when given."""
+    values computed by float islands are added to `islands` when given. With `every_value`
+    False only the output is kept (each value is freed after its last reader: a large graph's
+    values, as int64, would not fit in memory at once)."""
     ctx = Ctx(None, art.layers, qp, None, art.graph.shapes)
     q: dict[str, torch.Tensor] = {}
+    last = {v: k for k, op in enumerate(ops) for v in op.inputs}
     if INPUT in qp:
         q[INPUT] = to_uint8(x, qp[INPUT])
-    for op in ops:
+    for k, op in enumerate(ops):
         q[op.out] = integer_op(ctx, op, [] if KINDS[op.kind].float_input else [q[i] for i in op.inputs], x, qp, islands)
+        if not every_value:
+            for i in set(op.inputs):
+                if last.get(i) == k and i != OUTPUT and i in q:
+                    del q[i]
     out = {qname(v): t for v, t in q.items()}
     out[OUTPUT] = from_uint8(q[OUTPUT], qp[OUTPUT])
     return out
@@ -106,8 +113,12 @@ def layerwise_steps(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor,
         if qname(INPUT) in got:  # the input stage itself: onnxruntime's QuantizeLinear of the raw input
             d = (torch.as_tensor(got[qname(INPUT)].astype(np.int64)) - vals[INPUT]).abs()
             out.append({"layer": INPUT, "tensor": qname(INPUT), "max_steps": float(d.max()), "share_differing": float((d > 0).double().mean())})
-    for op in ops:
+    last = {v: k for k, op in enumerate(ops) for v in op.inputs}
+    for k, op in enumerate(ops):
         y = integer_op(ctx, op, [] if KINDS[op.kind].float_input else [vals[i] for i in op.inputs], x, qp)
+        for i in set(op.inputs):  # (int64 values of a large graph would not fit in memory at once)
+            if last.get(i) == k:
+                vals.pop(i, None)
         name = qname(op.out)
         if name in got and tuple(got[name].shape) == tuple(y.shape):
             g = torch.as_tensor(got[name].astype(np.int64))
@@ -246,9 +257,9 @@ def _layerwise_run(model, level: str, config: dict, art, ops: list[Op], qp: dict
     reference op applied to onnxruntime's own inputs (`layerwise_steps`), over every batch."""
     names = [qname(INPUT)] + [qname(op.out) for op in ops if op.out != OUTPUT]
     outputs, worst = [], {}
-    for i, outs in _batches(model, level, config, x, batch_size, names, elem_type=2):
+    for i, outs in _batches(model, level, config, x, min(batch_size, 64), names, elem_type=2):
         outputs.append(outs[OUTPUT])
-        xt = torch.as_tensor(np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32))
+        xt = torch.as_tensor(np.ascontiguousarray(x[i:i + min(batch_size, 64)], dtype=np.float32))
         for rec in layerwise_steps(art, ops, qp, xt, outs):
             w = worst.setdefault(rec["tensor"], dict(rec))
             w["max_steps"] = max(w["max_steps"], rec["max_steps"])
@@ -297,14 +308,15 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
         raise BadFile(f"{model_path}: its quantization parameters are malformed ({e}); it was edited or corrupted") from None
     refs, islands = [], set()
     for i in range(0, len(xt), batch_size):
-        r = integer_reference(art, ops, qp, xt[i:i + batch_size], islands) if integer else float_reference(ops, xt[i:i + batch_size])
+        r = integer_reference(art, ops, qp, xt[i:i + batch_size], islands, every_value=False) if integer \
+            else {OUTPUT: evaluate(ops, xt[i:i + batch_size], keep=False)[OUTPUT]}
         refs.append(r[OUTPUT].numpy())
     ref = np.concatenate(refs).reshape(len(xt), -1)  # per sample, flattened (any output shape)
     classifier = "num_classes" in art.meta["architecture"]  # class scores: top-1 agreement is judged too
     step = float(qp[OUTPUT].scale) if integer else None
     if not integer:  # the float64 truth, and what fp32 arithmetic itself costs against it
         ops64 = float64_ops(art)
-        ref64 = np.concatenate([evaluate(ops64, xt[i:i + batch_size].double())[OUTPUT].numpy()
+        ref64 = np.concatenate([evaluate(ops64, xt[i:i + batch_size].double(), keep=False)[OUTPUT].numpy()
                                 for i in range(0, len(xt), batch_size)]).reshape(len(xt), -1)
         scale64 = max(float(np.abs(ref64).max()), 1e-30)
         rel_torch = float(np.abs(ref.astype(np.float64) - ref64).max() / scale64)
@@ -314,7 +326,13 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
     with torch.no_grad():
         fake = torch.cat([art.model(xt[i:i + batch_size]) for i in range(0, len(xt), batch_size)]).numpy()
     layer_names = [qname(op.out) if integer else op.out for op in ops if op.out != OUTPUT]
-    div_ref = integer_reference(art, ops, qp, xt[:divergence_samples]) if integer else float_reference(ops, xt[:divergence_samples])
+    div: dict = {}
+
+    def div_ref() -> dict[str, torch.Tensor]:  # every value on a few samples, for the first divergence (once)
+        if not div:
+            div.update(integer_reference(art, ops, qp, xt[:divergence_samples]) if integer
+                       else float_reference(ops, xt[:divergence_samples]))
+        return div
 
     def acc(logits):
         return None if y is None or not classifier else round(float((logits.reshape(len(logits), -1).argmax(1) == y).mean() * 100), 3)
@@ -374,7 +392,7 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
             run["top1_agreement_decisive"] = round(agree, 4)
             ok = run["rel_error"] <= rel_allowed and agree >= tol.agreement_weights
         if not layerwise:
-            run["first_divergence"] = _first_divergence(model, level, config, x[:divergence_samples], div_ref, layer_names,
+            run["first_divergence"] = _first_divergence(model, level, config, x[:divergence_samples], div_ref(), layer_names,
                                                         integer, tol, qp, ops, batch_size,
                                                         rel=None if integer else rel_allowed)
         run["passed"] = bool(ok)
