@@ -319,7 +319,8 @@ def capture(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> "Grap
             if isinstance(v, list):
                 env[node.name] = v[i]
             elif isinstance(v, tuple) and v[0] == "multi":
-                generic(v[1], item=i, out=node.name)
+                if not (i == 0 and _module_batchnorm(v[1], node, env, modules, add)):
+                    generic(v[1], item=i, out=node.name)
             else:
                 raise refuse(node, f"an item of {src.name}")
             continue
@@ -428,6 +429,26 @@ def _module_linear(node, env: dict, modules: dict, add, renames: dict, names: se
         return False
     attrs = KINDS["linear"].from_module(m)
     add("linear", path, [env[x.name].name], node.name, attrs, node)
+    return True
+
+
+def _module_batchnorm(bn_node, out_node, env: dict, modules: dict, add) -> bool:
+    """Eval-mode batch norm on the parameters of a BatchNorm subclass P (timm's BatchNormAct2d,
+    whose forward adds the activation): the BatchNorm op P, which folds into the conv before it."""
+    if bn_node.target is not aten._native_batch_norm_legit_no_training.default:
+        return False
+    x, w, b, mean, var = bn_node.args[:5]
+    vals = [env.get(a.name) if isinstance(a, torch.fx.Node) else None for a in (w, b, mean, var)]
+    if not isinstance(env.get(x.name), Val) or not isinstance(vals[2], Const) or not vals[2].name.endswith(".running_mean"):
+        return False
+    path = vals[2].name[:-len(".running_mean")]
+    m = modules.get(path)
+    want = [f"{path}.weight", f"{path}.bias", f"{path}.running_mean", f"{path}.running_var"]
+    if not isinstance(m, nn.BatchNorm2d) or not m.track_running_stats or float(bn_node.args[6]) != m.eps \
+            or [v.name if isinstance(v, Const) else None for v in vals] != (want if m.affine else [None, None, *want[2:]]):
+        return False
+    attrs = {"dim": 2, "num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine}
+    add("batchnorm", path, [env[x.name].name], out_node.name, attrs, out_node)
     return True
 
 
