@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from qadmm.errors import UserError
 from qexport.ops import IDENTITY_MODULES, KINDS, kind_of_call, kind_of_module
 from qexport.ops.aten import ALLOWED, MOVES, dtype_name
 from qexport.ops.base import INPUT, OUTPUT, Op, Unsupported
+
+if TYPE_CHECKING:
+    from qexport.graph import Graph
 
 aten = torch.ops.aten
 # ATen operators that are registered kinds' functions (the kind reads the same arguments).
@@ -97,7 +100,7 @@ def export(model: nn.Module, input_shape: tuple[int, ...] | list[int]):
                             "needs a model that torch.export.export(model, (x,), strict=False) can export") from None
 
 
-def capture(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> "Graph":
+def capture(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Graph:
     """The model as a `Graph` (see the module docstring); a UserError naming what torch.export or
     the capture cannot take."""
     from qexport.graph import Graph, bind

@@ -23,7 +23,6 @@ import re
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
