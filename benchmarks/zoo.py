@@ -21,6 +21,7 @@ already there) and two Markdown tables are printed at the end (`--table` prints 
     pip install torchvision==0.28.0 timm              # beside torch==2.13.0 (see zoo_models.py)
     OMP_NUM_THREADS=2 python benchmarks/zoo.py --out runs/zoo.jsonl
     python benchmarks/zoo.py --models resnet18,mobilenet_v3_small --runs ptq:8 --out runs/zoo-small.jsonl
+    python benchmarks/zoo.py --capture                 # only the capture of each model: how, seconds, exactness
 """
 from __future__ import annotations
 
@@ -209,6 +210,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None, help="where fashion-mnist/ is (default: the Debian package's folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "zoo.jsonl")
     ap.add_argument("--table", action="store_true", help="print the tables of --out and stop")
+    ap.add_argument("--capture", action="store_true",
+                    help="only capture each model (qexport.graph.trace): seconds, how, and max |Δ| of the graph vs the model")
     args = ap.parse_args()
     done = [json.loads(s) for s in args.out.read_text().splitlines() if s.strip()] if args.out.is_file() else []
     if args.table:
@@ -218,6 +221,19 @@ def main() -> None:
         return
     from qexport import api
 
+    if args.capture:
+        from qexport.graph import rebuilt, trace
+
+        x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        for name in args.models.split(","):
+            model = build(name, x=x)
+            t = time.perf_counter()
+            graph = trace(model, (3, 64, 64))
+            seconds = time.perf_counter() - t
+            with torch.no_grad():
+                d = float((rebuilt(graph, model)(x) - model(x)).abs().max())
+            print(f"{name}: {graph.source}, {seconds:.1f} s, {len(graph.ops)} ops, max |graph - model| = {d:.1e}", flush=True)
+        return
     x_train, y_train, x_test, y_test = images(args.calib + 64, args.test, args.data_dir)
     data = api.as_dataset((x_train, y_train, x_test, y_test))
     runs = [(m, int(b)) for m, b in (r.split(":") for r in args.runs.split(","))]

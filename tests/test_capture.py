@@ -116,3 +116,23 @@ def test_forged_captured_graph_is_refused(captured, tmp_path, case):
     save_file(tensors, str(bad), metadata={**header, "qexport": meta_json, "content_sha256": content_hash(tensors, meta_json)})
     with pytest.raises(BadFile, match=message):
         load_artifact(bad)
+
+
+def test_streamed_walk_gives_the_same_codes(captured, digits01):
+    """gptq on the rebuilt graph runs the calibration inputs through once for the whole walk;
+    the codes are those of running the layers before each one again (the walk without it)."""
+    from qadmm import methods
+    from qadmm.spec import QuantSpec
+    from qexport.graph import rebuilt
+
+    model, _, _ = captured
+    graph = trace(model, (1, 8, 8))
+    spec = QuantSpec(bits=3, per_channel=True, calib_samples=300, seed=0)
+    streamed = methods.quantize("gptq", rebuilt(graph, model), digits01, spec)
+    plain = rebuilt(graph, model)
+    plain.streamed = None  # the walk then runs the model up to each layer, as for any nn.Module
+    again = methods.quantize("gptq", plain, digits01, spec)
+    assert set(streamed.layers) == set(again.layers) == {"conv", "fc"}
+    for name in streamed.layers:
+        assert torch.equal(streamed.layers[name].q, again.layers[name].q)
+        assert torch.equal(streamed.layers[name].alpha, again.layers[name].alpha)
