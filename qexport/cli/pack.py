@@ -44,9 +44,9 @@ def pack(artifact, output):
     click.echo(f"{len(packed.layers)} quantized layers ({widths}): payload {s['payload']} B, scales {s['scales']} B, "
                f"float tensors {s['floats']} B")
     ratio = s["float32_model"] / packed.file_bytes
-    than = f"{ratio:.1f}x smaller than" if ratio >= 1 else f"{1 / ratio:.1f}x larger than (the stored graph outweighs the weights)"
-    click.echo(f"wrote {out}: {packed.file_bytes} bytes ({than} float32, {s['float32_model']} B)  "
-               f"sha256 {packed.content_sha256[:12]}")
+    size = (f"{ratio:.1f}x smaller than float32, {s['float32_model']} B" if ratio >= 1 else
+            f"{1 / ratio:.1f}x larger than float32, {s['float32_model']} B: the stored graph outweighs the weights")
+    click.echo(f"wrote {out}: {packed.file_bytes} bytes ({size})  sha256 {packed.content_sha256[:12]}")
 
 
 @click.command()
