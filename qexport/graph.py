@@ -82,6 +82,10 @@ class Graph:
 # ---------------------------------------------------------------------------------------------
 # Tracing a user's model.
 
+class ModelFails(UserError):
+    """The model raises on an input of the data's shape (a mismatch of model and data)."""
+
+
 class _Tracer(fx.Tracer):
     """Leaf modules are the registered kinds (and Dropout/Identity); everything else is traced
     through, so a user's own blocks become the ops they are made of."""
@@ -114,6 +118,8 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Graph:
     (`qexport.capture`); a UserError naming what neither can take (before any quantization work)."""
     try:
         return fx_trace(model, input_shape)
+    except ModelFails:  # the model itself does not run on this input: no capture can help
+        raise
     except UserError as fx_error:
         from qexport.capture import capture
 
@@ -139,8 +145,9 @@ def fx_trace(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Grap
         with torch.no_grad():
             ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
     except Exception as e:
-        raise UserError(f"{type(model).__name__} fails on an input of shape (batch, {', '.join(map(str, input_shape))}): "
-                        f"{str(e).splitlines()[0]}") from None
+        root = e.__cause__ or e  # ShapeProp wraps the model's own error in a message with the node's metadata
+        raise ModelFails(f"{type(model).__name__} fails on an input of shape (batch, {', '.join(map(str, input_shape))}): "
+                         f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0][:300]}") from None
     finally:
         model.train(was_training)
     modules = dict(model.named_modules())

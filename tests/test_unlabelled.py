@@ -64,6 +64,9 @@ def test_unlabelled_refusals(tmp_path, inputs, digits):
         qexport.quantize(model, x, "ste", 4)
     with pytest.raises(UserError, match=r"outputs \(4, 8, 8\) per sample, but dataset 'digits' has labels 0..9: .*unlabelled inputs"):
         qexport.quantize(user_models.backbone((1, 8, 8)), digits, "ptq", 4)
+    with pytest.raises(UserError, match=r"^Sequential fails on an input of shape \(batch, 3\): RuntimeError: mat1 and mat2 "
+                                        r"shapes cannot be multiplied[^\n]*$"):  # one line, the model's own error
+        qexport.quantize(model, np.zeros((50, 3), np.float32), "ptq", 4)
     out = run_cli(["quantize", "--data", str(inputs), "-q", "-o", str(tmp_path / "z.qx.safetensors")], code=2)
     assert "has no labels: qexport's own models train on labels" in out
     out = run_cli(["quantize", "--model", "user_models:embedding", "--data", str(inputs), "-q"], code=2)
