@@ -71,6 +71,12 @@ class CodeSet:
             return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
         return torch.clamp(torch.round(x), -self.qmax, self.qmax)
 
+    def project_(self, x: torch.Tensor) -> torch.Tensor:
+        """`project` in place (x is overwritten with its nearest codes and returned)."""
+        if self.scheme == "binary":
+            return x.copy_(torch.where(x >= 0, 1.0, -1.0))
+        return x.round_().clamp_(-self.qmax, self.qmax)
+
     def contains(self, q: torch.Tensor) -> bool:
         q = q.to(torch.int32)
         if self.scheme == "binary":
@@ -101,31 +107,47 @@ def dequantize(q: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return q.to(torch.float32) * a
 
 
+# The alternation runs on blocks of rows of about this many float64 entries (4 MiB), every pass of
+# an iteration on one block before the next: the block stays in cache and no temporary is allocated.
+# Rows are independent, so the result is the same as on the whole matrix at once.
+ROW_BLOCK = 2**19
+
+
 def _alternate(v: torch.Tensor, codes: CodeSet, alpha: torch.Tensor, max_iter: int, patience: int):
     """Alternate Q = Π(V/α) and α = <V,Q>/<Q,Q> per row of v (thesis eq. 4.15-4.17 / 5.12-5.15).
 
-    Keeps the best pair per row, stops a row's search after `patience` non-improving rounds.
+    Keeps the best pair per row; stops when every row has had `patience` non-improving rounds in a row.
     Returns (alpha, q, err) per row.
     """
+    n_rows, n = v.shape
+    step = max(1, ROW_BLOCK // max(n, 1))
+    blocks = [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+    alpha = alpha.clone()
     best_a = alpha.clone()
     best_q = codes.project(v / alpha[:, None])
     best_e = ((v - best_a[:, None] * best_q) ** 2).sum(1)
     stall = torch.zeros_like(best_e, dtype=torch.long)
-    q = best_q
+    q = best_q.clone()
+    buf = torch.empty(min(step, n_rows), n, dtype=v.dtype)
     for _ in range(max_iter):
-        qq = (q * q).sum(1)
-        a = torch.where(qq > 0, (v * q).sum(1) / qq.clamp_min(1e-300), alpha)  # eq. 4.17 / 5.13
-        a = torch.where(a > 0, a, alpha)  # α must stay positive; a sign flip is carried by Q
-        q = codes.project(v / a[:, None])  # eq. 4.16 / 5.14: nearest code
-        e = ((v - a[:, None] * q) ** 2).sum(1)
-        better = e < best_e * (1 - 1e-12)
-        best_a = torch.where(better, a, best_a)
-        best_q = torch.where(better[:, None], q, best_q)
-        best_e = torch.where(better, e, best_e)
-        stall = torch.where(better, torch.zeros_like(stall), stall + 1)
+        for s in blocks:
+            vb, qb, al, t = v[s], q[s], alpha[s], buf[: s.stop - s.start]
+            qq = torch.mul(qb, qb, out=t).sum(1)
+            vq = torch.mul(vb, qb, out=t).sum(1)
+            a = torch.where(qq > 0, vq / qq.clamp_min(1e-300), al)  # eq. 4.17 / 5.13
+            a = torch.where(a > 0, a, al)  # α must stay positive; a sign flip is carried by Q
+            codes.project_(torch.div(vb, a[:, None], out=qb))  # eq. 4.16 / 5.14: nearest code
+            e = torch.sub(vb, torch.mul(qb, a[:, None], out=t), out=t).square_().sum(1)
+            better = e < best_e[s] * (1 - 1e-12)
+            if bool(better.any()):
+                rows = better.nonzero().squeeze(1)
+                best_a[s] = torch.where(better, a, best_a[s])
+                best_e[s] = torch.where(better, e, best_e[s])
+                best_q[s].index_copy_(0, rows, qb.index_select(0, rows))
+            stall[s] = torch.where(better, torch.zeros_like(stall[s]), stall[s] + 1)
+            alpha[s] = a
         if bool((stall >= patience).all()):
             break
-        alpha = a
     return best_a, best_q, best_e
 
 

@@ -11,6 +11,7 @@ model, so a layer quantized after others sees the outputs of the already-quantiz
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -20,6 +21,29 @@ from torch.nn import functional as F
 
 class _Stop(Exception):
     """Raised from a hook once the layer's input is captured: the rest of the forward pass is not needed."""
+
+
+@contextmanager
+def stop_before(layer: nn.Module | None, on_input: Callable[[torch.Tensor], None] | None = None):
+    """Within the block, `run(model, x)` runs the model up to `layer` only: `on_input(its input)` is
+    called, then the rest of the forward pass is skipped. With layer None, `run` runs it whole."""
+    def hook(_m, args):
+        if on_input is not None:
+            on_input(args[0])
+        raise _Stop
+
+    def run(model: nn.Module, x: torch.Tensor) -> None:
+        try:
+            model(x)
+        except _Stop:
+            pass
+
+    handle = layer.register_forward_pre_hook(hook) if layer is not None else None
+    try:
+        yield run
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def groups(m: nn.Module) -> int:
@@ -90,22 +114,13 @@ def for_each_input(model: nn.Module, layer: nn.Module, x: torch.Tensor, fn: Call
         for b in batches:
             fn(as_rows(layer, b))
         return
-    def hook(_m, args):
-        fn(as_rows(layer, args[0]))
-        raise _Stop
-
     was_training = model.training
     model.eval()
-    handle = layer.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), stop_before(layer, lambda inp: fn(as_rows(layer, inp))) as run:
             for i in range(0, len(x), batch_size):
-                try:
-                    model(x[i:i + batch_size])
-                except _Stop:
-                    pass
+                run(model, x[i:i + batch_size])
     finally:
-        handle.remove()
         model.train(was_training)
 
 

@@ -16,14 +16,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qadmm.codes import ZERO_SCALE, CodeSet, fit
+from qadmm.codes import ZERO_SCALE, CodeSet, Fit, fit
 from qadmm.layer_inputs import input_hessian, times_hessian, weight_matrix
 from qadmm.layers import select_layers
 from qadmm.recalibrate import reestimate_bn
 from qadmm.spec import LayerCodes, QuantSpec
 
-# solve(W (out, d), H (d, d) or (groups, d, d), code set) -> (codes (out, d) as float integers, α (out,) or (1,), log)
-Solver = Callable[[torch.Tensor, torch.Tensor, CodeSet], tuple[torch.Tensor, torch.Tensor, dict]]
+# solve(W (out, d), H (d, d) or (groups, d, d), code set, nearest) -> (codes (out, d) as float integers,
+# α (out,) or (1,), log); `nearest` is the α/Q fit of W the log compares with (a solver may start from it)
+Solver = Callable[[torch.Tensor, torch.Tensor, CodeSet, Fit], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
@@ -50,20 +51,25 @@ def walk(model: nn.Module, x: torch.Tensor, spec: QuantSpec, solve: Solver, desc
     history = []
     streamed = getattr(model, "streamed", None)  # a model that runs x through once for the whole walk
     with streamed(x) if streamed is not None else nullcontext():
-        for name, m in tqdm(select_layers(model, spec), desc=desc, disable=not spec.progress):
-            history.append(_layer(model, name, m, x, spec, solve, layers, bn_each_layer, bn_samples, after))
+        todo = list(select_layers(model, spec))
+        for k, (name, m) in enumerate(tqdm(todo, desc=desc, disable=not spec.progress)):
+            # the BatchNorm re-estimation after this layer need only reach the next one (see reestimate_bn);
+            # a step that retrains later layers (`after`) gets every BatchNorm re-estimated
+            stop = todo[k + 1][1] if k + 1 < len(todo) and after is None else None
+            history.append(_layer(model, name, m, x, spec, solve, layers, bn_each_layer, bn_samples, after, stop))
     return layers, history
 
 
 def _layer(model: nn.Module, name: str, m: nn.Module, x: torch.Tensor, spec: QuantSpec, solve: Solver,
-           layers: dict[str, LayerCodes], bn_each_layer: bool, bn_samples: int, after: Callable[[str], dict] | None) -> dict:
+           layers: dict[str, LayerCodes], bn_each_layer: bool, bn_samples: int, after: Callable[[str], dict] | None,
+           stop: nn.Module | None) -> dict:
     """One step of the walk: layer `name` solved, written as α·Q; its log."""
     t0 = time.perf_counter()
     codes = spec.codes_for(name)
     nearest = fit(m.weight.detach(), codes, spec.per_channel)
     w = weight_matrix(m)
     h = input_hessian(model, m, x)
-    q, alpha, solver_log = solve(w, h, codes)
+    q, alpha, solver_log = solve(w, h, codes, nearest)
     layers[name] = layer_codes(q, alpha, m.weight.shape, codes, spec.per_channel)
     base = max(output_error(w, h), 1e-30)
     log = {"out_err_nearest": output_error(w - nearest.dequantize().reshape(len(w), -1), h) / base,
@@ -73,5 +79,5 @@ def _layer(model: nn.Module, name: str, m: nn.Module, x: torch.Tensor, spec: Qua
     if after is not None:
         log.update(after(name))
     if bn_each_layer:
-        reestimate_bn(model, x[:bn_samples])
+        reestimate_bn(model, x[:bn_samples], stop_at=stop)
     return {"layer": name, **log, "seconds": round(time.perf_counter() - t0, 2)}

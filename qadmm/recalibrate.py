@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qadmm.layer_inputs import groups, input_mean, times_input
+from qadmm.layer_inputs import groups, input_mean, stop_before, times_input
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -26,9 +26,14 @@ def batchnorms(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> int:
+def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128, stop_at: nn.Module | None = None) -> int:
     """Recompute the running mean/var of every BatchNorm of `model` (in place) on inputs x.
-    Returns how many BatchNorm layers were re-estimated; the model is left in eval mode."""
+    Returns how many BatchNorm layers were re-estimated; the model is left in eval mode.
+
+    With `stop_at`, each forward pass stops where that module's input is ready: the BatchNorms it
+    did not reach are left reset, for a caller that re-estimates them again before they are used
+    (the layer walk: each step needs only what lies before the next layer, the last step everything).
+    Their statistics do not depend on the old ones (train mode normalises with the batch's own)."""
     bns = batchnorms(model)
     if not bns:
         return 0
@@ -42,9 +47,10 @@ def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> i
     # of the batch means is then the mean over the samples used.
     starts = range(0, len(x) - len(x) % batch_size if len(x) >= batch_size else 1, batch_size)
     try:
-        for i in starts:
-            if len(x[i:i + batch_size]) > 1:  # a batch of one has no variance
-                model(x[i:i + batch_size])
+        with stop_before(stop_at) as run:
+            for i in starts:
+                if len(x[i:i + batch_size]) > 1:  # a batch of one has no variance
+                    run(model, x[i:i + batch_size])
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom

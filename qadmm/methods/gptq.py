@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from qadmm.codes import CodeSet, fit
+from qadmm.codes import CodeSet, Fit, fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
 from qadmm.layer_inputs import times_hessian
@@ -78,15 +78,18 @@ class GPTQ:
                 return torch.linalg.cholesky(torch.cholesky_inverse(lo), upper=True)
         raise RuntimeError("GPTQ: the input Hessian stays singular after damping")
 
-    def quantize(self, codes: CodeSet, per_channel: bool, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (out, d) as float64 integers and α (out,) or (1,)."""
+    def quantize(self, codes: CodeSet, per_channel: bool, p: Params, nearest: Fit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (out, d) as float64 integers and α (out,) or (1,). α starts from the α/Q fit of W
+        (`nearest`, when given, is that fit: reused unless some input is dead, which changes W)."""
         hs = (self.h if self.h.dim() == 3 else self.h[None]).clone()
         w = self.w0.clone().reshape(len(hs), -1, self.w0.shape[1])  # (groups, rows per group, d)
         diag = hs.diagonal(dim1=1, dim2=2)
         dead = diag == 0  # inputs that are always 0: any code is exact there
         diag[dead] = 1.0
         w.masked_fill_(dead[:, None, :], 0.0)
-        alpha = fit(w.reshape(self.w0.shape), codes, per_channel).alpha.double().reshape(-1)
+        if nearest is None or bool(dead.any()):
+            nearest = fit(w.reshape(self.w0.shape), codes, per_channel)
+        alpha = nearest.alpha.double().reshape(-1)
         a = alpha.expand(len(self.w0)).reshape(len(hs), -1)  # α per row
         q = torch.cat([self.round_group(w[i], hs[i], a[i], codes, p) for i in range(len(hs))])
         if p.refit_scale:
@@ -119,8 +122,8 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
     model = copy.deepcopy(model).eval()
 
-    def solve(w: torch.Tensor, h: torch.Tensor, codes: CodeSet):
-        return (*GPTQ(w, h).quantize(codes, spec.per_channel, p), {})
+    def solve(w: torch.Tensor, h: torch.Tensor, codes: CodeSet, nearest: Fit):
+        return (*GPTQ(w, h).quantize(codes, spec.per_channel, p, nearest), {})
 
     layers, history = walk(model, data.calibration(spec.calib_samples, spec.seed), spec, solve,
                            f"gptq {spec.describe_codes()}", p.bn_each_layer, p.bn_samples)

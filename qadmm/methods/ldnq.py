@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from qadmm.codes import CodeSet, fit
+from qadmm.codes import CodeSet, Fit, fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
 from qadmm.layer_inputs import times_hessian
@@ -76,21 +76,22 @@ def solve_rows(b: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(bt, lo).transpose(1, 2).reshape(b.shape)
 
 
-def admm_layer(w0: torch.Tensor, h: torch.Tensor, codes: CodeSet, per_channel: bool, p: Params) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def admm_layer(w0: torch.Tensor, h: torch.Tensor, codes: CodeSet, per_channel: bool, p: Params,
+               nearest: Fit | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ADMM for one layer (W₀ (out, d) and H (d, d), or (groups, d, d) per group, float64). Returns
-    the best codes, α and a log."""
+    the best codes, α and a log. `nearest`, when given, is the α/Q fit of W₀ (not computed again)."""
     w0, h = w0.double(), h.double()
     mean_diag = float(torch.diagonal(h, dim1=-2, dim2=-1).mean()) or 1.0
     eye = torch.eye(h.shape[-1], dtype=h.dtype)
     def dequant(q: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         return q * (alpha[:, None] if per_channel else alpha)
 
-    gptq = GPTQ(w0, h).quantize(codes, per_channel, GPTQParams()) if p.warm_start == "gptq" or p.gptq_candidate else None
+    nearest = nearest if nearest is not None else fit(w0, codes, per_channel)
+    gptq = GPTQ(w0, h).quantize(codes, per_channel, GPTQParams(), nearest) if p.warm_start == "gptq" or p.gptq_candidate else None
     if p.warm_start == "gptq":
         q, alpha = gptq
     else:
-        f = fit(w0, codes, per_channel)
-        q, alpha = f.q.double(), f.alpha.double().reshape(-1)
+        q, alpha = nearest.q.double().reshape(w0.shape), nearest.alpha.double().reshape(-1)
     g = dequant(q, alpha)
     best = (output_error(g - w0, h), q, alpha)
     start_err = best[0]
@@ -164,8 +165,8 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     x = data.calibration(spec.calib_samples, spec.seed)
     teacher = predict(model, x) if p.cascade_epochs > 0 else None
 
-    def solve(w: torch.Tensor, h: torch.Tensor, codes: CodeSet):
-        q, alpha, log = admm_layer(w, h, codes, spec.per_channel, p)
+    def solve(w: torch.Tensor, h: torch.Tensor, codes: CodeSet, nearest: Fit):
+        q, alpha, log = admm_layer(w, h, codes, spec.per_channel, p, nearest)
         base = max(output_error(w, h), 1e-30)
         return q, alpha, {"rounds": log["rounds"], "out_err_admm_start": log["err_start"] / base, "kept": log["kept"]}
 
