@@ -198,10 +198,40 @@ def to_onnx(art: Artifact, path: str | Path | None = None, form: str = "qdq", ca
     return model
 
 
+def to_c(art: Artifact, folder: str | Path | None = None, calib_data: Any = None, calibration: str = "minmax",
+         percentile: float = 99.99, calib_batches: int = 8, calib_batch_size: int = 64, progress: bool = False):
+    """Integer C99 sources of `art` (`qexport.pack.c_integer`): activation ranges calibrated on
+    `calib_data`'s training split exactly as `to_onnx` calibrates its integer forms. Written into
+    `folder` when given; returns the `CModel` (files, flash and RAM bytes)."""
+    from qexport.graph import fuse
+    from qexport.onnx.calibrate import CalibConfig, calibrate
+    from qexport.pack.c_export import write_sources
+    from qexport.pack.c_integer import integer_c
+    from qexport.pack.packfile import pack_artifact
+
+    if calib_data is None:
+        raise UserError("to_c calibrates activation ranges: pass calib_data (a Dataset or arrays)")
+    data = as_dataset(calib_data)
+    cfg = CalibConfig(calibration, percentile, calib_batches, calib_batch_size, data.info.get("seed", 0))
+    from qexport.onnx.qoperator import check_int8
+
+    check_int8(art)  # refuse before spending time on calibration
+    qp = calibrate(fuse(art.graph), data.x_train, cfg, progress)
+    cm = integer_c(art, pack_artifact(art), qp, cfg.describe())
+    if folder is not None:
+        write_sources(cm.files, folder)
+    return cm
+
+
 def verify(onnx_path: str | Path, art: Artifact, data: Any, max_samples: int | None = None, tol=None) -> dict:
     """onnxruntime against the exact PyTorch reference of `art` on `data`'s test split; the report
-    (`report["passed"]`)."""
+    (`report["passed"]`). `onnx_path` may also be a folder written by `to_c`: its C, built with the
+    host compiler, against the integer reference and onnxruntime (0 differing outputs to pass)."""
     from qexport.onnx.verify import verify as run_verify
 
     d = as_dataset(data)
+    if Path(onnx_path).is_dir():
+        from qexport.pack.c_integer import verify_folder
+
+        return verify_folder(onnx_path, art, d.x_test[:max_samples], d.y_test[:max_samples] if d.labelled else None)
     return run_verify(str(onnx_path), art, d.x_test[:max_samples], d.y_test[:max_samples] if d.labelled else None, tol)

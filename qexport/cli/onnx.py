@@ -106,7 +106,7 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
 
 
 @click.command()
-@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, exists=True))
+@click.argument("model_path", metavar="MODEL.onnx|C_FOLDER", type=click.Path(exists=True))
 @click.option("--artifact", required=True, type=click.Path(dir_okay=False), help="The artifact the graph was exported from.")
 @_data_opts
 @click.option("--max-samples", type=click.IntRange(1), default=None, help="Use the first N test samples (default: all).")
@@ -117,7 +117,10 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
 @click.option("--step-tol", type=Finite(0), default=1.0, show_default=True,
               help="qdq/qoperator: max |Δ| in output steps (qdq with optimisations off: per layer).")
 @click.option("--min-agreement", type=Finite(0, 100), default=None, help="Top-1 agreement in %% (default 100 for weights, 99.9 otherwise).")
-def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report, rel_tol, step_tol, min_agreement):
+@click.option("--cortex-m4", type=click.IntRange(0), default=0, show_default=True,
+              help="C folders: also build for a Cortex-M4 and run the first N samples in QEMU (needs "
+                   "gcc-arm-none-eabi, libnewlib-arm-none-eabi, qemu-system-arm).")
+def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report, rel_tol, step_tol, min_agreement, cortex_m4):
     """Check onnxruntime against the exact PyTorch reference of the artifact; exit 1 on failure.
 
     Runs onnxruntime with graph optimisations off and all on (with the session settings
@@ -126,9 +129,15 @@ def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report,
     judged).
 
     \b
+    A folder written by `qexport to-c` is built with this machine's C compiler and run on the test
+    samples; its outputs must equal the integer reference's and onnxruntime's (QOperator, the
+    same activation parameters) exactly.
+
+    \b
     Examples:
       qexport verify digits-4b.onnx --artifact digits-mlp-digits-ptq-4b.qx.safetensors
       qexport verify model.qdq.onnx --artifact model.qx.safetensors --report verify.json --max-samples 1000
+      qexport verify r20_c/ --artifact resnet20-2b.qx.safetensors --cortex-m4 100
     """
     from qexport.artifact import load_artifact
     from qexport.fileio import atomic_path
@@ -142,11 +151,19 @@ def verify(model_path, artifact, data_name, data_dir, seed, max_samples, report,
     art = load_artifact(artifact)
     data = _dataset(art, data_name, data_dir, seed)
     x, y = data.x_test[:max_samples], data.y_test[:max_samples] if data.labelled else None
-    tol = Tolerance(rel=rel_tol, steps=step_tol)
-    if min_agreement is not None:
-        tol.agreement_weights = tol.agreement_integer = min_agreement
-    rep = run_verify(model_path, art, x, y, tol)
-    click.echo(format_report(rep))
+    if Path(model_path).is_dir():
+        from qexport.pack.c_integer import cortex_m4_tools, format_report as format_c, verify_folder
+
+        if cortex_m4 and cortex_m4_tools():
+            raise UserError(f"--cortex-m4: {cortex_m4_tools()}")
+        rep = verify_folder(model_path, art, x, y, cortex_m4)
+        click.echo(format_c(rep))
+    else:
+        tol = Tolerance(rel=rel_tol, steps=step_tol)
+        if min_agreement is not None:
+            tol.agreement_weights = tol.agreement_integer = min_agreement
+        rep = run_verify(model_path, art, x, y, tol)
+        click.echo(format_report(rep))
     if report:
         with atomic_path(report) as tmp:
             Path(tmp).write_text(json.dumps(rep, indent=2))

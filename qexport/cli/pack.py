@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from qexport.cli.options import SEED
 from qexport.fileio import check_output_path
 
 
@@ -75,27 +76,60 @@ def unpack(packed, output):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Folder for the C sources (created if missing; default: MODEL's name with -c).")
-def to_c(model, output):
-    """Export an MLP artifact or packed file as portable C99 sources (libc only).
+@click.option("--data", "data_name", default=None,
+              help="Calibration data for the activation ranges: dataset name or .npz path (default: the artifact's dataset).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with DIR/<dataset>/ (default: $QEXPORT_DATA, else ./data).")
+@click.option("--seed", type=SEED, default=None, help="Split seed (default: the artifact's).")
+@click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True,
+              help="Activation range estimate, as for `to-onnx`'s integer forms.")
+@click.option("--float-mlp", is_flag=True,
+              help="The float-accumulating C of an MLP instead (no calibration; float activations, needs an FPU).")
+def to_c(model, output, data_name, data_dir, seed, calibration, float_mlp):
+    """Export an artifact as integer C99 sources for a microcontroller (C99, libm's rintf/fmaf only).
 
-    Writes qmodel_config.h and qmodel_weights.h (packed codes, scales, biases, normalisation),
-    qmodel.h / qmodel.c (int qmodel_predict(const float *x, float *logits), unpacking codes on
-    the fly) and qmodel_main.c (a desktop driver). Only MLPs (Flatten, Linear, ReLU) are
-    supported; export other models with `qexport to-onnx`.
+    The C computes what the QOperator ONNX file computes, output for output: uint8 activations in one
+    static arena planned by liveness, weight codes kept packed at N bits in flash and read by the
+    kernels, int32 accumulation, onnxruntime's requantization. Takes conv (also depthwise/grouped),
+    linear, BatchNorm and ReLU/ReLU6 folded, max pool, global average pool, add, flatten, reshape;
+    other ops are refused by name. Prints the flash and RAM it needs; `qexport verify FOLDER`
+    builds it here and compares it with onnxruntime.
 
     \b
     Examples:
-      qexport to-c digits-mlp-digits-ptq-2b.qx.safetensors -o digits-c/
-      qexport to-c model.qpk.safetensors -o firmware/model/
-      cc -std=c99 -O2 digits-c/qmodel.c digits-c/qmodel_main.c -o qmodel && ./qmodel inputs.txt
+      qexport to-c resnet20-2b.qx.safetensors -o r20_c/
+      qexport verify r20_c/ --artifact resnet20-2b.qx.safetensors
+      cc -std=c99 -O2 -ffp-contract=off r20_c/*.c -lm -o qmodel && ./qmodel inputs.txt
+      qexport to-c digits-2b.qpk.safetensors --float-mlp -o digits-c/   # float MLP C (earlier format)
     """
-    from qexport.pack.c_export import export_c
-    from qexport.pack.packfile import load_packed
-
     out = Path(output) if output else _beside(model, "-c")
-    packed = load_packed(model)
-    paths = export_c(packed, out, [model])
-    s = packed.sizes()
+    if float_mlp:
+        from qexport.pack.c_export import export_c
+        from qexport.pack.packfile import load_packed
+
+        packed = load_packed(model)
+        paths = export_c(packed, out, [model])
+        s = packed.sizes()
+        click.echo(f"wrote {', '.join(p.name for p in paths)} to {out}/")
+        click.echo(f"  weights in flash: {s['payload']} B packed codes + {s['scales'] + s['floats']} B float scales/biases/normalisation")
+        click.echo(f"  check on this machine: cc -std=c99 -O2 {out}/qmodel.c {out}/qmodel_main.c -o qmodel && ./qmodel inputs.txt")
+        return
+    from qadmm.errors import UserError
+    from qexport.api import to_c as export
+    from qexport.artifact import load_artifact
+    from qexport.cli.onnx import _dataset
+
+    if model.endswith(".qpk.safetensors"):
+        raise UserError(f"{model} is a packed file: integer C needs the artifact (`qexport unpack {model}` restores it), "
+                        "or use --float-mlp for an MLP's float C")
+    art = load_artifact(model)
+    data = _dataset(art, data_name, data_dir, seed)
+    cm = export(art, None, data, calibration, progress=True)
+    from qexport.pack.c_export import write_sources
+
+    paths = write_sources(cm.files, out, [model])
     click.echo(f"wrote {', '.join(p.name for p in paths)} to {out}/")
-    click.echo(f"  weights in flash: {s['payload']} B packed codes + {s['scales'] + s['floats']} B float scales/biases/normalisation")
-    click.echo(f"  check on this machine: cc -std=c99 -O2 {out}/qmodel.c {out}/qmodel_main.c -o qmodel && ./qmodel inputs.txt")
+    click.echo(f"  flash: {cm.flash['codes']} B packed weight codes + {cm.flash['constants']} B per-channel constants "
+               f"(+ code); RAM: {cm.arena} B ({cm.manifest['arena_bytes']} B activation arena, "
+               f"{cm.manifest['row_bytes']} B for one unpacked row of codes)")
+    click.echo(f"  check it: qexport verify {out} --artifact {model}")

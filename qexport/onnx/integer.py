@@ -75,16 +75,22 @@ def qadd(a: torch.Tensor, pa: QParams, b: torch.Tensor, pb: QParams, pc: QParams
     plain fp32 sum it replaced differed in ~1 value in 10^6 (a ResNet-20 verify failed by 2 steps)."""
     if avx2 is None:
         avx2 = {"avx2", "fma"} <= cpu_flags()
+    ra, rb, k = qadd_constants(pa, pb, pc, avx2)
+    if avx2:
+        f = fma32(a, ra, fma32(b, rb, float(k)))
+    else:
+        f = (float(k) + a.to(torch.float32) * float(ra)) + b.to(torch.float32) * float(rb)  # each step in fp32
+    return torch.clamp(torch.round(f), 0, 255)
+
+
+def qadd_constants(pa: QParams, pb: QParams, pc: QParams, avx2: bool = True) -> tuple[np.float32, np.float32, np.float32]:
+    """(ra, rb, k) of MLAS QLinearAdd (see `qadd`): ra = sa/sc, rb = sb/sc and the zero-point term k in fp32."""
     f32 = np.float32
     ra, rb = f32(f32(pa.scale) / f32(pc.scale)), f32(f32(pb.scale) / f32(pc.scale))
     za, zb, zc = f32(int(pa.zero_point)), f32(int(pb.zero_point)), f32(int(pc.zero_point))
     if avx2:
-        k = f32(zc - f32(np.float64(ra) * za + np.float64(f32(rb * zb))))
-        f = fma32(a, ra, fma32(b, rb, float(k)))
-    else:
-        k = f32(zc - f32(f32(ra * za) + f32(rb * zb)))
-        f = (float(k) + a.to(torch.float32) * float(ra)) + b.to(torch.float32) * float(rb)  # each step in fp32
-    return torch.clamp(torch.round(f), 0, 255)
+        return ra, rb, f32(zc - f32(np.float64(ra) * za + np.float64(f32(rb * zb))))
+    return ra, rb, f32(zc - f32(f32(ra * za) + f32(rb * zb)))
 
 
 def qgap(x: torch.Tensor, px: QParams, py: QParams) -> torch.Tensor:
@@ -92,7 +98,12 @@ def qgap(x: torch.Tensor, px: QParams, py: QParams) -> torch.Tensor:
     dims = tuple(range(2, x.dim()))
     n = int(np.prod([x.shape[d] for d in dims]))
     acc = x.sum(dim=dims, keepdim=True) - n * int(px.zero_point)
-    s = torch.tensor(np.float32(px.scale) / (np.float32(py.scale) * np.float32(n)), dtype=torch.float32)
+    s = torch.tensor(qgap_scale(px, py, n), dtype=torch.float32)
     return torch.clamp(torch.round(acc.to(torch.float32) * s) + int(py.zero_point), 0, 255)
+
+
+def qgap_scale(px: QParams, py: QParams, n: int) -> np.float32:
+    """sx / (sy·n) in fp32, the multiplier of QLinearGlobalAveragePool over n values."""
+    return np.float32(np.float32(px.scale) / (np.float32(py.scale) * np.float32(n)))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from qexport.onnx.builder import MS_DOMAIN
-from qexport.onnx.integer import qadd
+from qexport.onnx.integer import qadd, qadd_constants
 from qexport.ops.base import Ctx, Kind, Op, Unsupported
 
 
@@ -51,6 +51,15 @@ class Add(Kind):
             return None
         qp = ctx.qp
         return qadd(qs[0], qp[op.inputs[0]], qs[1], qp[op.inputs[1]], qp[op.out])
+
+    def c(self, cg, op: Op) -> bool:
+        a, b = (op.inputs + [None, None])[:2]
+        if len(op.inputs) != 2 or cg.shapes[a] != cg.shapes[b] or cg.shapes[a] != cg.shapes[op.out]:
+            return False  # broadcasting: no C kernel
+        ra, rb, k = qadd_constants(cg.qp[a], cg.qp[b], cg.qp[op.out])
+        cg.calls.append(f"qi_add({cg.size(op.out)}u, {{{a}}}, {{{b}}}, {cg.f32(ra)}, {cg.f32(rb)}, {cg.f32(k)}, {{{op.out}}}); "
+                        f"/* {op.name} */")
+        return True
 
 
 KIND = Add()

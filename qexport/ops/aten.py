@@ -235,6 +235,9 @@ class AtenMove(Aten, Reshaping):
         splice(ctx, op, ins, out, torch.uint8)
         return True
 
+    def c(self, cg, op: Op) -> bool:
+        return False  # it may reorder the bytes (a permute): no C kernel yet
+
 
 KINDS = [Aten(), AtenMove()]
 

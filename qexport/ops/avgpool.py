@@ -3,12 +3,13 @@ size 1) is QLinearGlobalAveragePool in QOperator graphs; an adaptive size that d
 becomes AveragePool with kernel = stride = input/output; any other pooling is a float island."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qexport.onnx.builder import MS_DOMAIN
-from qexport.onnx.integer import qgap
+from qexport.onnx.integer import qgap, qgap_scale
 from qexport.ops.base import Ctx, Kind, Op, Unsupported, arg, pair
 
 ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
@@ -82,6 +83,16 @@ class AvgPool(Kind):
         if not op.attrs.get("global") or op.relu:
             return None
         return qgap(qs[0], ctx.qp[op.inputs[0]], ctx.qp[op.out])
+
+    def c(self, cg, op: Op) -> bool:
+        if not op.attrs.get("global") or op.relu:
+            return False
+        xs = cg.shapes[op.inputs[0]]
+        n = int(np.prod(xs[1:], dtype=np.int64))
+        px, py = cg.qp[op.inputs[0]], cg.qp[op.out]
+        cg.calls.append(f"qi_global_avgpool({xs[0]}u, {n}u, {{{op.inputs[0]}}}, {cg.f32(qgap_scale(px, py, n))}, "
+                        f"{int(px.zero_point)}u, {int(py.zero_point)}u, {{{op.out}}}); /* {op.name} */")
+        return True
 
 
 KIND = AvgPool()

@@ -135,6 +135,12 @@ class Kind:
         """onnxruntime's integer arithmetic on uint8 inputs (as int64); None: float island."""
         return None
 
+    # -- C (`qexport to-c`, qexport.pack.c_integer) ---------------------------------------------
+    def c(self, cg: Any, op: Op) -> bool:
+        """Append the C call that computes this op's uint8 value to `cg.calls` (values written as
+        {name}, replaced by arena pointers); False: no C kernel, `to-c` refuses the model."""
+        return False
+
     # -- kinds that read the raw float input (`float_input`) ------------------------------------
     def calibrated(self, op: Op, p: Any, lo: float) -> Any:
         """The uint8 parameters (QParams) of this op's value, given the calibrated ones and the
@@ -168,3 +174,7 @@ class Reshaping(Kind):
 
     def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
         return self.run(op, qs)
+
+    def c(self, cg: Any, op: Op) -> bool:
+        cg.aliases[op.out] = op.inputs[0]  # the same bytes in C order: no code at all
+        return True

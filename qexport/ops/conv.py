@@ -72,5 +72,21 @@ class Conv(Kind):
         return qlinear(il, qs[0], ctx.qp[op.inputs[0]], ctx.qp[op.out],
                        lambda x, w: conv(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"]))
 
+    def c(self, cg, op: Op) -> bool:
+        if op.name not in cg.layers:
+            return False
+        a = op.attrs
+        il = integer_layer(op, cg.layers[op.name], cg.qp[op.inputs[0]].scale)
+        xs, ys = cg.shapes[op.inputs[0]], cg.shapes[op.out]
+        k, s, d, p = a["kernel_size"], a["stride"], a["dilation"], self.pads(a)  # pads: begins, then ends
+        if a["dim"] == 1:  # a row: h = 1
+            geo = {"cin": xs[0], "w": xs[1], "wo": ys[1], "kw": k[0], "sw": s[0], "dw": d[0], "pw": p[0]}
+        else:
+            geo = {"cin": xs[0], "h": xs[1], "w": xs[2], "ho": ys[1], "wo": ys[2], "kh": k[0], "kw": k[1], "sh": s[0],
+                   "sw": s[1], "dh": d[0], "dw": d[1], "ph": p[0], "pw": p[1]}
+        layer = cg.layer(op, il, {**geo, "groups": a["groups"]})
+        cg.calls.append(f"qi_conv(&{layer}, {{{op.inputs[0]}}}, {{{op.out}}}); /* {op.name} */")
+        return True
+
 
 KIND = Conv()

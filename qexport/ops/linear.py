@@ -72,6 +72,15 @@ class Linear(Kind):
         y = qlinear(il, x, ctx.qp[op.inputs[0]], ctx.qp[op.out], lambda x, w: x @ w.T)
         return y.reshape(*qs[0].shape[:-1], y.shape[-1])
 
+    def c(self, cg, op: Op) -> bool:
+        if op.name not in cg.layers:
+            return False
+        il = integer_layer(op, cg.layers[op.name], cg.qp[op.inputs[0]].scale)
+        rows = int(np.prod(cg.shapes[op.inputs[0]][:-1], dtype=np.int64))
+        layer = cg.layer(op, il, {"cin": op.attrs["in_features"]})
+        cg.calls.append(f"qi_linear(&{layer}, {rows}u, {{{op.inputs[0]}}}, {{{op.out}}}); /* {op.name} */")
+        return True
+
 
 def to_rows(ctx: Ctx, op: Op, x: str) -> str:
     """(batch, ..., features) -> (rows, features)."""

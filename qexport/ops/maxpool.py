@@ -50,5 +50,18 @@ class MaxPool(Kind):
     def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
         return self.run(op, [qs[0].to(torch.float64)]).to(torch.int64)
 
+    def c(self, cg, op: Op) -> bool:
+        a = op.attrs
+        xs, ys = cg.shapes[op.inputs[0]], cg.shapes[op.out]
+        k, s, d, p = a["kernel_size"], a["stride"], a["dilation"], a["padding"]
+        if a["dim"] == 1:
+            g = [xs[0], 1, xs[1], 1, ys[1], 1, k[0], 1, s[0], 1, d[0], 0, p[0]]
+        else:
+            g = [xs[0], xs[1], xs[2], ys[1], ys[2], k[0], k[1], s[0], s[1], d[0], d[1], p[0], p[1]]
+        name = f"qm_pool{len(cg.decls)}"
+        cg.decls.append(f"static const qi_pool_t {name} = {{{', '.join(f'{int(v)}u' for v in g)}}}; /* {op.name} */")
+        cg.calls.append(f"qi_maxpool(&{name}, {{{op.inputs[0]}}}, {{{op.out}}}); /* {op.name} */")
+        return True
+
 
 KIND = MaxPool()

@@ -73,5 +73,13 @@ class Normalize(Kind):
             return None
         return QParams(S, np.uint8(z))
 
+    def c(self, cg, op: Op) -> bool:
+        raw = self.input_qparams(op, cg.qp[op.out])
+        if raw is None:
+            return False  # per-channel statistics: the float normalisation has no C kernel yet
+        cg.calls.append(f"qi_quantize({cg.size(op.out)}u, input, {cg.f32(raw.scale)}, {int(raw.zero_point)}u, {{{op.out}}}); "
+                        "/* the normalisation, folded into the input's quantization */")
+        return True
+
 
 KIND = Normalize()

@@ -144,10 +144,14 @@ def c_sources(packed: Packed) -> dict[str, str]:
 
 
 def export_c(packed: Packed, outdir: str | Path, inputs: Sequence[str | Path] = ()) -> list[Path]:
-    """Write the C sources into `outdir` (created if its parent exists); returns their paths.
-    Everything is generated and every path checked (none may be one of `inputs`) before the
-    first file is written, and each file is written atomically."""
-    files = c_sources(packed)
+    """Write the float MLP's C sources into `outdir` (see `write_sources`); returns their paths."""
+    return write_sources(c_sources(packed), outdir, inputs)
+
+
+def write_sources(files: dict[str, str], outdir: str | Path, inputs: Sequence[str | Path] = ()) -> list[Path]:
+    """Write `files` (name -> text) into `outdir` (created if its parent exists); returns their paths.
+    Every path is checked (none may be one of `inputs`) before the first file is written, and each
+    file is written atomically."""
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: give a folder for the C sources")
