@@ -214,10 +214,13 @@ def to_c(art: Artifact, folder: str | Path | None = None, calib_data: Any = None
     data = as_dataset(calib_data)
     cfg = CalibConfig(calibration, percentile, calib_batches, calib_batch_size, data.info.get("seed", 0))
     from qexport.onnx.qoperator import check_int8
+    from qexport.pack.c_integer import check_c
 
     check_int8(art)  # refuse before spending time on calibration
+    packed = pack_artifact(art)
+    check_c(art, packed)
     qp = calibrate(fuse(art.graph), data.x_train, cfg, progress)
-    cm = integer_c(art, pack_artifact(art), qp, cfg.describe())
+    cm = integer_c(art, packed, qp, cfg.describe())
     if folder is not None:
         write_sources(cm.files, folder)
     return cm

@@ -1,4 +1,4 @@
-"""`qexport to-c`: the C99 sources compile warning-free with gcc and match the PyTorch fake-quant
+"""`qexport to-c --float-mlp`: the float MLP C99 sources compile warning-free with gcc and match the PyTorch fake-quant
 reference on real digits test inputs; the C unpacker reads every width the packer writes."""
 import shutil
 import subprocess
@@ -36,7 +36,7 @@ def build(outdir, *sources):
 def test_c_matches_pytorch_reference(tmp_path, digits, digits_mlp, cfg):
     art = make_artifact(tmp_path / "a.qx.safetensors", digits, digits_mlp, *cfg)
     out = tmp_path / "c"
-    run_cli(["to-c", str(tmp_path / "a.qx.safetensors"), "-o", str(out)])
+    run_cli(["to-c", str(tmp_path / "a.qx.safetensors"), "--float-mlp", "-o", str(out)])
     exe = build(out, out / "qmodel.c", out / "qmodel_main.c")
     x = digits.x_test.reshape(len(digits.x_test), -1)
     np.savetxt(tmp_path / "in.txt", x, fmt="%.9g")
@@ -108,6 +108,6 @@ def test_refuses_non_mlp_models(tmp_path, digits):
     cnn_artifact(path, digits, bits=4)
     with pytest.raises(UserError, match="MLPs only .* body.0 is conv"):
         export_c(load_packed(path), tmp_path / "c")
-    msg = run_cli(["to-c", str(path), "-o", str(tmp_path / "c2")], code=2)
+    msg = run_cli(["to-c", str(path), "--float-mlp", "-o", str(tmp_path / "c2")], code=2)
     assert msg.startswith("error: ") and "qexport to-onnx" in msg
     assert not (tmp_path / "c").exists() and not (tmp_path / "c2").exists()  # nothing written

@@ -122,6 +122,10 @@ def to_c(model, output, data_name, data_dir, seed, calibration, float_mlp):
     if model.endswith(".qpk.safetensors"):
         raise UserError(f"{model} is a packed file: integer C needs the artifact (`qexport unpack {model}` restores it), "
                         "or use --float-mlp for an MLP's float C")
+    from qexport.pack.c_export import check_folder
+    from qexport.pack.c_integer import FILES
+
+    check_folder(out, FILES, [model])  # before the calibration
     art = load_artifact(model)
     data = _dataset(art, data_name, data_dir, seed)
     cm = export(art, None, data, calibration, progress=True)

@@ -152,14 +152,7 @@ def write_sources(files: dict[str, str], outdir: str | Path, inputs: Sequence[st
     """Write `files` (name -> text) into `outdir` (created if its parent exists); returns their paths.
     Every path is checked (none may be one of `inputs`) before the first file is written, and each
     file is written atomically."""
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file: give a folder for the C sources")
-    if not out.parent.is_dir():
-        raise UserError(f"folder {out.parent} does not exist: create it first or choose another -o folder")
-    if out.is_dir():
-        for name in files:
-            check_output_path(out / name, inputs)
+    out = check_folder(outdir, list(files), inputs)
     out.mkdir(exist_ok=True)
     paths = []
     for name, text in files.items():
@@ -167,3 +160,17 @@ def write_sources(files: dict[str, str], outdir: str | Path, inputs: Sequence[st
             tmp.write_text(text)
         paths.append(out / name)
     return paths
+
+
+def check_folder(outdir: str | Path, names: Sequence[str], inputs: Sequence[str | Path] = ()) -> Path:
+    """The folder the C sources `names` may be written to (a UserError if not: a file, a missing
+    parent, or a name that is one of `inputs`)."""
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: give a folder for the C sources")
+    if not out.parent.is_dir():
+        raise UserError(f"folder {out.parent} does not exist: create it first or choose another -o folder")
+    if out.is_dir():
+        for name in names:
+            check_output_path(out / name, inputs)
+    return out

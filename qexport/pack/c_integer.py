@@ -37,6 +37,7 @@ from qexport.ops.base import INPUT, OUTPUT, Op
 from qexport.pack.bitpack import SIGN
 
 TEMPLATES = ("qint.h", "qint.c", "qmodel_main.c")
+FILES = ("qmodel.h", "qmodel.c", "qmodel.json", *TEMPLATES)
 # IEEE single precision, one rounding per operation except where the source calls fmaf
 CFLAGS = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off"]
 
@@ -166,13 +167,7 @@ def integer_c(art, packed, qp: dict[str, QParams], calib: dict) -> CModel:
     ops = fuse(art.graph)
     cg = CGen(qp, art.layers, {lay.name: lay for lay in packed.layers}, dict(art.graph.shapes))
     cg.shapes.setdefault(INPUT, list(art.graph.input_shape))
-    missing = [op for op in ops if KINDS[op.kind].c(cg, op) is False]
-    if missing:
-        names = ", ".join(f"{op.name} ({op.kind}{'' if op.name in art.layers or op.kind not in ('conv', 'linear') else ', kept float'})"
-                          for op in missing[:8])
-        raise UserError(f"to-c has no integer C kernel for {len(missing)} op(s): {names}{', ...' if len(missing) > 8 else ''}; "
-                        "to-c takes conv, linear (quantized), batchnorm and relu/relu6 folded into them, max pool, global "
-                        "average pool, add, flatten, reshape and a scalar input normalisation: use `qexport to-onnx` for this model")
+    _refuse(art, [op for op in ops if KINDS[op.kind].c(cg, op) is False])
     # values: the quantized input (if an op reads it) and every op's output
     values = ([INPUT] if reads_input(ops) else []) + [op.out for op in ops]
     sizes = {v: cg.size(v) for v in values}
@@ -216,6 +211,28 @@ def integer_c(art, packed, qp: dict[str, QParams], calib: dict) -> CModel:
     for name in TEMPLATES:
         files[name] = (tdir / name).read_text()
     return CModel(files, dict(cg.flash), arena + cg.row, manifest)
+
+
+def _refuse(art, missing: list[Op]) -> None:
+    if missing:
+        names = ", ".join(f"{op.name} ({op.kind}{'' if op.name in art.layers or op.kind not in ('conv', 'linear') else ', kept float'})"
+                          for op in missing[:8])
+        raise UserError(f"to-c has no integer C kernel for {len(missing)} op(s): {names}{', ...' if len(missing) > 8 else ''}; "
+                        "to-c takes conv, linear (quantized), batchnorm and relu/relu6 folded into them, max pool, global "
+                        "average pool, add, flatten, reshape and a scalar input normalisation: use `qexport to-onnx` for this model")
+
+
+def check_c(art, packed) -> None:
+    """Refuse (UserError, naming them) a graph with ops that have no C kernel, before calibration:
+    the kinds emit their C under placeholder activation parameters (the normalisation, whose C
+    depends on the real ones, is checked by `integer_c`)."""
+    from qexport.graph import fuse
+
+    ops = fuse(art.graph)
+    qp = {v: QParams(np.float32(1.0), np.uint8(0)) for op in ops for v in [*op.inputs, op.out]}
+    cg = CGen(qp, art.layers, {lay.name: lay for lay in packed.layers}, dict(art.graph.shapes))
+    cg.shapes.setdefault(INPUT, list(art.graph.input_shape))
+    _refuse(art, [op for op in ops if not KINDS[op.kind].float_input and KINDS[op.kind].c(cg, op) is False])
 
 
 def _resolve(call: str, cg: CGen) -> str:
