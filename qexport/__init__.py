@@ -1,11 +1,11 @@
 """qexport: quantized PyTorch models to ONNX and bit-packed binaries, with a verifier.
 
-The Python API (`qexport.api`): `quantize`, `load`, `to_onnx`, `verify`, `load_data`; imported
+The Python API (`qexport.api`): `quantize`, `load`, `to_onnx`, `to_c`, `verify`, `load_data`; imported
 on first use so that `qexport --help` stays fast.
 """
 __version__ = "0.3.0"
 
-__all__ = ["quantize", "load", "to_onnx", "verify", "load_data"]
+__all__ = ["quantize", "load", "to_onnx", "to_c", "verify", "load_data"]
 
 
 def __getattr__(name: str):
@@ -13,7 +13,7 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("qexport.api")
-    if name in ("quantize", "load", "to_onnx", "verify"):
+    if name in ("quantize", "load", "to_onnx", "to_c", "verify"):
         from qexport import api
 
         return getattr(api, name)

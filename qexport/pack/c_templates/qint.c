@@ -42,25 +42,28 @@ static const int8_t *unpack_row(const qi_conv_t *c, uint32_t o, uint32_t n)
 void qi_conv(const qi_conv_t *c, const uint8_t *x, uint8_t *y)
 {
     uint32_t cin_g = c->cin / c->groups, cout_g = c->cout / c->groups;
-    uint32_t per_out = cin_g * c->kh * c->kw;
+    uint32_t per_out = cin_g * c->kh * c->kw, plane = c->h * c->w, taps = c->kh * c->kw;
     uint32_t o, oy, ox, ic, ky, kx;
     for (o = 0; o < c->cout; ++o) {
-        uint32_t g = o / cout_g;
         const int8_t *wr = unpack_row(c, o, per_out);
+        const uint8_t *xg = x + (o / cout_g) * cin_g * plane;
         for (oy = 0; oy < c->ho; ++oy) {
             for (ox = 0; ox < c->wo; ++ox) {
                 int32_t acc = 0;
-                const int8_t *wk = wr;
-                for (ic = 0; ic < cin_g; ++ic) {
-                    const uint8_t *xc = x + (g * cin_g + ic) * c->h * c->w;
-                    for (ky = 0; ky < c->kh; ++ky) {
-                        /* unsigned wrap-around makes rows above the image large: one test covers both sides */
-                        uint32_t iy = oy * c->sh + ky * c->dh - c->ph;
-                        for (kx = 0; kx < c->kw; ++kx, ++wk) {
-                            uint32_t ix = ox * c->sw + kx * c->dw - c->pw;
-                            if (iy < c->h && ix < c->w) /* padding holds x_zp: it adds 0 */
-                                acc += ((int32_t)xc[iy * c->w + ix] - (int32_t)c->x_zp) * (int32_t)*wk;
-                        }
+                for (ky = 0; ky < c->kh; ++ky) {
+                    int32_t iy = (int32_t)(oy * c->sh + ky * c->dh) - (int32_t)c->ph;
+                    if (iy < 0 || iy >= (int32_t)c->h)
+                        continue; /* padding holds x_zp: it adds 0 */
+                    for (kx = 0; kx < c->kw; ++kx) {
+                        int32_t ix = (int32_t)(ox * c->sw + kx * c->dw) - (int32_t)c->pw;
+                        const uint8_t *xp;
+                        const int8_t *wp;
+                        if (ix < 0 || ix >= (int32_t)c->w)
+                            continue;
+                        xp = xg + (uint32_t)iy * c->w + (uint32_t)ix;
+                        wp = wr + ky * c->kw + kx;
+                        for (ic = 0; ic < cin_g; ++ic) /* exact integers: any order gives the same sum */
+                            acc += ((int32_t)xp[ic * plane] - (int32_t)c->x_zp) * (int32_t)wp[ic * taps];
                     }
                 }
                 acc = acc * (int32_t)c->flip[o] + c->bias[o];
