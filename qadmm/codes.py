@@ -5,6 +5,7 @@ float32 scale, either one per tensor or one per output channel (axis 0).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +197,20 @@ def _coarsest(q: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return q / g[:, None].to(q.dtype), a * g.to(a.dtype)
 
 
+@contextmanager
+def one_thread():
+    """torch on one thread inside the block. The fit's row sums are then added in the same order
+    on every machine (with 2 threads 12 of 74 zoo layers got other codes than with 1), and the
+    thousands of small operations of the alternation no longer wait at OpenMP barriers for a
+    thread that another job on the machine holds (benchmarks/calib_speed.py: 4x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit(
     v: torch.Tensor,
     codes: CodeSet,
@@ -213,8 +228,14 @@ def fit(
     start max|v|/qmax, and a tensor that is already α·Q (float32) comes back as the same pair:
     refitting the result returns it, codes equal (ties in error go to the coarsest grid, and a
     returned row's codes have no common divisor). With `alpha0` (a warm start, e.g. the previous
-    ADMM iteration's α) only that start is used: the fast path for repeated calls.
+    ADMM iteration's α) only that start is used: the fast path for repeated calls. Runs on one
+    thread (`one_thread`): the same codes on every machine.
     """
+    with one_thread():
+        return _fit(v, codes, per_channel, alpha0, max_iter, patience)
+
+
+def _fit(v: torch.Tensor, codes: CodeSet, per_channel: bool, alpha0: torch.Tensor | None, max_iter: int, patience: int) -> Fit:
     if not torch.isfinite(v).all():
         raise ValueError("cannot quantize a tensor with NaN or infinite values")
     shape = v.shape

@@ -141,3 +141,18 @@ def test_cortex_m4_in_qemu_equals_host(tmp_path, digits, bits):
     assert rep["cortex_m4"]["samples"] == 100 and rep["cortex_m4"]["differing_outputs"] == 0
     assert rep["cortex_m4"]["sizes"]["text"] > 0 and rep["passed"]
     assert shutil.which("arm-none-eabi-gcc")
+
+
+@needs_cc
+def test_verify_fails_a_corrupted_folder(tmp_path, digits):
+    """One changed requantization multiplier in qmodel.c: verify must see the outputs differ."""
+    import re
+
+    art = quantized(AllKinds(), digits, 4, True)
+    qexport.api.to_c(art, tmp_path / "c", digits)
+    src = (tmp_path / "c" / "qmodel.c").read_text()
+    first = re.search(r"qm_m0\[\d+\] = \{\n    ([-0-9.e+]+)f", src)
+    bad = src.replace(first.group(0), first.group(0).replace(first.group(1), f"{float(first.group(1)) * 1.5:.9e}"), 1)
+    (tmp_path / "c" / "qmodel.c").write_text(bad)
+    rep = c_integer.verify_folder(tmp_path / "c", art, digits.x_test, None)
+    assert not rep["passed"] and rep["against"]["integer reference"]["differing_outputs"] > 0
