@@ -156,3 +156,49 @@ def test_verify_fails_a_corrupted_folder(tmp_path, digits):
     (tmp_path / "c" / "qmodel.c").write_text(bad)
     rep = c_integer.verify_folder(tmp_path / "c", art, digits.x_test, None)
     assert not rep["passed"] and rep["against"]["integer reference"]["differing_outputs"] > 0
+
+
+class _Rows(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.reshape(x.shape[0], 8, 8))
+
+
+class _Add(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+ALONE = {
+    "conv": lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1)),
+    "conv_depthwise_strided": lambda: nn.Sequential(nn.Conv2d(1, 4, 1), nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)),
+    "conv_same_dilated": lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding="same", dilation=2)),
+    "conv1d": lambda: _Rows(nn.Conv1d(8, 4, 3, padding=1)),
+    "linear": lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
+    "linear_on_rows": lambda: _Rows(nn.Linear(8, 5)),
+    "conv_relu6": lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU6()),
+    "maxpool": lambda: nn.Sequential(nn.Conv2d(1, 4, 1), nn.MaxPool2d(3, stride=2, padding=1)),
+    "global_avgpool": lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1)),
+    "add": _Add,
+}
+
+
+@needs_cc
+@pytest.mark.parametrize("kind", list(ALONE))
+def test_each_kind_alone_on_random_inputs(tmp_path, kind):
+    """Each op kind as the whole model, unlabelled random inputs (seeded): 0 differing outputs."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 1, 8, 8)).astype(np.float32)
+    torch.manual_seed(0)
+    data = qexport.api.as_dataset(x)
+    art = qexport.quantize(ALONE[kind]().eval(), data, "ptq", 4, per_channel=True, progress=False)
+    qexport.api.to_c(art, tmp_path / "c", data)
+    rep = c_integer.verify_folder(tmp_path / "c", art, data.x_test, None)
+    assert rep["passed"] and rep["samples"] > 0, rep["against"]
