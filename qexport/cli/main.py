@@ -270,9 +270,11 @@ main.add_command(_pack_cmd)
 main.add_command(_unpack_cmd)
 main.add_command(_to_c_cmd)
 
+from qexport.cli.analyze import analyze as _analyze_cmd  # noqa: E402
 from qexport.cli.report import report as _report_cmd  # noqa: E402
 from qexport.cli.sweep import sweep as _sweep_cmd  # noqa: E402
 
+main.add_command(_analyze_cmd)
 main.add_command(_sweep_cmd)
 main.add_command(_report_cmd)
 

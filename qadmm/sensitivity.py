@@ -1,0 +1,98 @@
+"""Which layer hurts: each quantizable layer quantized alone, at each width of a set.
+
+Per layer and width: the layer's own output error, as an SQNR in dB on calibration inputs,
+10·log10(tr(W H Wᵀ) / tr(ΔW H ΔWᵀ)) with H = XᵀX/n the layer's input Hessian in the float network
+(`layer_inputs`) and ΔW = W − α·Q the nearest α/Q fit (`codes.fit`, what ptq does); and the
+network's accuracy on test samples with only that layer quantized (top-1 agreement with the float
+model when the data has no labels). The per-layer input Hessians are computed once and shared by
+every width. Fit and Hessian are what `ptq` and `gptq` start from, so a layer that is fragile here
+is the first to keep at more bits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qadmm.codes import CodeSet, fit
+from qadmm.data import Dataset
+from qadmm.layer_inputs import input_hessian, weight_matrix
+from qadmm.layers import select_layers
+from qadmm.layerwise import output_error
+from qadmm.spec import QuantSpec
+from qadmm.train import agreement, predict
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    params: int
+    bytes: dict[int, int]  # width -> codes at that width + one fp32 scale per channel (or tensor)
+    sqnr_db: dict[int, float] = field(default_factory=dict)  # the layer's own output, calibration inputs
+    metric: dict[int, float] = field(default_factory=dict)  # network accuracy (or agreement) with only it quantized
+
+
+@dataclass
+class Sensitivity:
+    metric: str  # "accuracy" (labelled test data) or "top1 agreement" / "sqnr_db" (no labels)
+    float_metric: float
+    bits: list[int]
+    per_channel: bool
+    layers: list[LayerSensitivity]
+
+    def to_json(self) -> dict:
+        """Plain JSON (an exact layer, infinite SQNR, is null)."""
+        def num(d: dict) -> dict:
+            return {str(b): (v if math.isfinite(v) else None) for b, v in d.items()}
+
+        return {"metric": self.metric, "float_metric": self.float_metric, "bits": self.bits, "per_channel": self.per_channel,
+                "layers": [{"name": s.name, "params": s.params, "bytes": {str(b): v for b, v in s.bytes.items()},
+                            "sqnr_db": num(s.sqnr_db), "metric": num(s.metric)} for s in self.layers]}
+
+    def ranking(self, bits: int) -> list[str]:
+        """Layer names from most to least sensitive at `bits` (largest metric drop, then lowest SQNR)."""
+        return [s.name for s in sorted(self.layers, key=lambda s: (s.metric[bits], s.sqnr_db[bits]))]
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, data: Dataset, bits: list[int], per_channel: bool = True, calib_samples: int = 512,
+                eval_samples: int | None = 2000, seed: int = 0, progress: bool = False) -> Sensitivity:
+    """Each quantizable layer of `model` quantized alone at each width in `bits` (see the module)."""
+    model = model.eval()
+    x = data.calibration(calib_samples, seed)
+    x_eval = torch.as_tensor(np.asarray(data.x_test[:eval_samples], np.float32))
+    y_eval = np.asarray(data.y_test[:eval_samples]) if data.labelled else None
+    ref = predict(model, x_eval)
+    classifier = ref.dim() == 2 and data.num_classes > 0
+
+    def score(out: torch.Tensor) -> float:
+        if y_eval is not None:
+            return float((out.argmax(1).numpy() == y_eval).mean() * 100)
+        a = agreement(ref, out, classifier)
+        v = a["top1_agreement"] if classifier else a["sqnr_db"]
+        return math.inf if v is None else float(v)  # None: identical outputs
+
+    metric = "accuracy" if y_eval is not None else ("top1 agreement" if classifier else "sqnr_db")
+    layers = select_layers(model, QuantSpec(bits=max(bits), per_channel=per_channel))
+    out = []
+    for name, m in tqdm(layers, desc="analyze", disable=not progress):
+        w = weight_matrix(m).double()
+        h = input_hessian(model, m, x)
+        base = max(output_error(w, h), 1e-300)
+        scales = m.weight.shape[0] if per_channel else 1
+        s = LayerSensitivity(name, m.weight.numel(), {b: -(-m.weight.numel() * CodeSet.default(b).storage_bits // 8) + 4 * scales
+                                                      for b in bits})
+        original = m.weight.detach().clone()
+        for b in bits:
+            f = fit(original, CodeSet.default(b), per_channel)
+            err = output_error(w - f.dequantize().reshape(len(w), -1).double(), h)
+            s.sqnr_db[b] = round(10 * math.log10(base / err), 3) if err > 0 else math.inf
+            m.weight.copy_(f.dequantize())
+            s.metric[b] = round(score(predict(model, x_eval)), 3)
+            m.weight.copy_(original)
+        out.append(s)
+    return Sensitivity(metric, round(score(ref), 3), list(bits), per_channel, out)
