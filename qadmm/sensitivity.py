@@ -63,8 +63,11 @@ class Sensitivity:
 
 @torch.no_grad()
 def sensitivity(model: nn.Module, data: Dataset, bits: list[int], per_channel: bool = True, calib_samples: int = 512,
-                eval_samples: int | None = 2000, seed: int = 0, progress: bool = False) -> Sensitivity:
-    """Each quantizable layer of `model` quantized alone at each width in `bits` (see the module)."""
+                eval_samples: int | None = 2000, seed: int = 0, progress: bool = False, evaluate: bool = True,
+                spec: QuantSpec | None = None) -> Sensitivity:
+    """Each quantizable layer of `model` quantized alone at each width in `bits` (see the module).
+    `evaluate` False: the SQNRs only (no network runs on test data). `spec` selects the layers
+    (exclude, keep_first/last) as quantization will."""
     model = model.eval()
     x = data.calibration(calib_samples, seed)
     x_eval = torch.as_tensor(np.asarray(data.x_test[:eval_samples], np.float32))
@@ -80,7 +83,7 @@ def sensitivity(model: nn.Module, data: Dataset, bits: list[int], per_channel: b
         return math.inf if v is None else float(v)  # None: identical outputs
 
     metric = "accuracy" if y_eval is not None else ("top1 agreement" if classifier else "sqnr_db")
-    layers = select_layers(model, QuantSpec(bits=max(bits), per_channel=per_channel))
+    layers = select_layers(model, spec or QuantSpec(bits=max(bits), per_channel=per_channel))
     out = []
     for name, m in tqdm(layers, desc="analyze", disable=not progress):
         w = weight_matrix(m).double()
@@ -94,8 +97,43 @@ def sensitivity(model: nn.Module, data: Dataset, bits: list[int], per_channel: b
             f = fit(original, CodeSet.default(b), per_channel)
             err = output_error(w - f.dequantize().reshape(len(w), -1).double(), h)
             s.sqnr_db[b] = round(10 * math.log10(base / err), 3) if err > 0 else math.inf
-            m.weight.copy_(f.dequantize())
-            s.metric[b] = round(score(predict(model, x_eval, EVAL_BATCH)), 3)
-            m.weight.copy_(original)
+            if evaluate:
+                m.weight.copy_(f.dequantize())
+                s.metric[b] = round(score(predict(model, x_eval, EVAL_BATCH)), 3)
+                m.weight.copy_(original)
         out.append(s)
     return Sensitivity(metric, round(score(ref), 3), list(bits), per_channel, out)
+
+
+def allocate(layers: list[LayerSensitivity], budget: int) -> dict[str, int]:
+    """A width per layer, from the widths measured, that keeps Σ bytes ≤ `budget` and makes the
+    predicted loss Σ_l ε_l small, with ε_l = 10^(−SQNR_l/10) the layer's relative output error
+    tr(ΔW H ΔWᵀ)/tr(W H Wᵀ): a second-order, Hessian-based sensitivity as in HAWQ-V3 (Yao et al.,
+    ICML 2021, which weighs the loss Hessian and solves an integer program). Here the allocation is
+    the greedy of the multiple-choice knapsack: every layer starts at its narrowest width, then the
+    upgrade with the largest drop of ε per added byte that still fits is taken, until none fits.
+    A UserError when even the narrowest widths exceed the budget."""
+    from qadmm.errors import UserError
+
+    def eps(s: LayerSensitivity, b: int) -> float:
+        return 0.0 if not math.isfinite(s.sqnr_db[b]) else 10 ** (-s.sqnr_db[b] / 10)
+
+    choice = {s.name: min(s.bytes) for s in layers}
+    used = sum(s.bytes[choice[s.name]] for s in layers)
+    if used > budget:
+        raise UserError(f"size budget {budget} B is below the smallest model these widths allow ({used} B, every layer at "
+                        f"{min(choice.values())} bit(s)): raise --size-budget or allow narrower --bit-choices")
+    while True:
+        best = None
+        for s in layers:
+            cur = choice[s.name]
+            for b in s.bytes:
+                extra = s.bytes[b] - s.bytes[cur]
+                if b > cur and used + extra <= budget:
+                    gain = (eps(s, cur) - eps(s, b)) / max(extra, 1)
+                    if gain > 0 and (best is None or gain > best[0]):
+                        best = (gain, s, b, extra)
+        if best is None:
+            return choice
+        _, s, b, extra = best
+        choice[s.name], used = b, used + extra

@@ -95,7 +95,8 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
              keep_first: bool = False, keep_last: bool = False, params: Any = None, normalize: str | Sequence | None = None,
              calib_samples: int = 2048, bn_reestimate: bool | None = None, bias_correction: bool | None = None,
              seed: int = 0, device: str = "cpu", progress: bool = False, model_name: str | None = None,
-             source: dict | None = None) -> Artifact:
+             source: dict | None = None, size_budget: int | None = None,
+             bit_choices: Sequence[int] = (8, 4, 2, 1)) -> Artifact:
     """Quantize a trained float model's weights with back-end `method`; the artifact, in memory
     (`art.save(path)` writes it).
 
@@ -104,7 +105,8 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     `exclude` leaves matching layers float. `normalize` puts (x - mean)/std in front of the model
     ("fit" on the training split, or (mean, std)); the default None adds nothing. The model is
     traced first, so an unsupported op is refused before any work. The caller's model is not
-    modified."""
+    modified. `size_budget` (bytes of codes and scales of the quantized layers): choose a width
+    per layer from `bit_choices` under it (`qadmm.sensitivity.allocate`); `bits` is then unused."""
     data = as_dataset(data, seed)
     if params is not None and dataclasses.is_dataclass(params):
         params = dataclasses.asdict(params)
@@ -133,6 +135,9 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     t0 = time.perf_counter()
     # a torch.export capture is quantized as the graph (every layer a module call, in forward order)
     work = model if graph.source == "torch.fx" else rebuilt(graph, model)
+    mixed = None
+    if size_budget is not None:
+        spec, mixed = _choose_bits(work, data, spec, size_budget, bit_choices)
     result = methods.quantize(method, work, data, spec)
     seconds = time.perf_counter() - t0
     q_acc = accuracy(result.model, data.x_test, data.y_test) if classifier else None
@@ -157,10 +162,32 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
         "accuracy": {"float_test": float_acc, "quantized_test": q_acc,
                      "quantized_val": accuracy(result.model, data.x_val, data.y_val) if classifier else None},
         "agreement": agree,
+        **({"mixed_precision": mixed} if mixed else {}),
         "versions": versions(),
         "command": "qexport " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "qexport" else "python API",
     }
     return Artifact.create(result.model, result.layers, meta, graph)
+
+
+def _choose_bits(model: nn.Module, data: Dataset, spec: QuantSpec, budget: int, choices: Sequence[int]) -> tuple[QuantSpec, dict]:
+    """The spec with one width per layer under `budget` bytes, and the record of the choice."""
+    from qadmm.sensitivity import allocate, sensitivity
+
+    choices = sorted({int(b) for b in choices}, reverse=True)
+    if not choices or not all(1 <= b <= 8 for b in choices):
+        raise UserError(f"bit choices {choices}: every width must be from 1 to 8")
+    if spec.layer_bits or spec.scheme not in (None, "binary", "symmetric"):
+        raise UserError("a size budget chooses the widths itself: drop --layer-bits and --scheme")
+    sens = sensitivity(model, data, choices, spec.per_channel, min(spec.calib_samples, 512), seed=spec.seed,
+                       progress=spec.progress, evaluate=False, spec=spec)
+    chosen = allocate(sens.layers, budget)
+    used = sum(s.bytes[chosen[s.name]] for s in sens.layers)
+    eps = sum(10 ** (-s.sqnr_db[chosen[s.name]] / 10) for s in sens.layers if np.isfinite(s.sqnr_db[chosen[s.name]]))
+    new = dataclasses.replace(spec, bits=max(chosen.values()), scheme=None, layer_bits=dict(chosen))
+    record = {"size_budget": budget, "bytes": used, "bit_choices": choices, "allocation": "greedy multiple-choice knapsack "
+              "on the layers' relative output errors (qadmm.sensitivity.allocate)", "predicted_sum_rel_output_error": eps,
+              "sqnr_db": {s.name: {str(b): v for b, v in s.sqnr_db.items()} for s in sens.layers}, "chosen": chosen}
+    return new, record
 
 
 def load(path: str | Path) -> Artifact:

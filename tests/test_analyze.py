@@ -31,3 +31,34 @@ def test_cli_analyze_writes_json_and_refuses_bad_bits(tmp_path, digits):
     assert rec["bits"] == [4, 1] and [s["name"] for s in rec["layers"]] == ["body.1", "body.3", "body.5"]
     msg = run_cli(["analyze", "--checkpoint", str(ckpt), "--bits", "4,9"], code=2)
     assert "every width must be from 1 to 8" in msg
+
+
+def test_size_budget_is_never_exceeded_and_is_recorded(tmp_path, digits):
+    import qexport
+    from qexport.artifact import load_artifact
+
+    torch.manual_seed(0)
+    model = build_model("mlp-digits", digits.input_shape, digits.num_classes, digits.mean, digits.std).eval()
+    two_bit = (4096 + 4096 + 640) * 2 // 8 + 4 * (64 + 64 + 10)  # every layer at 2 bits, one scale per channel
+    for budget in (two_bit, two_bit + 600, 5000):
+        art = qexport.quantize(model, digits, "gptq", 4, per_channel=True, size_budget=budget, bit_choices=(8, 4, 2, 1))
+        used = sum(-(-lc.q.numel() * lc.codes.storage_bits // 8) + 4 * lc.alpha.numel() for lc in art.layers.values())
+        mp = art.meta["mixed_precision"]
+        assert used == mp["bytes"] <= budget
+        assert {n: lc.codes.bits for n, lc in art.layers.items()} == mp["chosen"]
+    assert len(set(mp["chosen"].values())) >= 1 and max(mp["chosen"].values()) >= 4
+    art.save(tmp_path / "m.qx.safetensors")
+    assert load_artifact(tmp_path / "m.qx.safetensors").meta["mixed_precision"]["chosen"] == mp["chosen"]
+
+
+def test_size_budget_refusals(tmp_path):
+    ckpt = tmp_path / "m.safetensors"
+    run_cli(["train", "--epochs", "2", "-q", "-o", str(ckpt)])
+    msg = run_cli(["quantize", "--checkpoint", str(ckpt), "--method", "ptq", "--size-budget", "100", "-q",
+                   "-o", str(tmp_path / "a.qx.safetensors")], code=2)
+    assert "below the smallest model" in msg and not (tmp_path / "a.qx.safetensors").exists()
+    msg = run_cli(["quantize", "--checkpoint", str(ckpt), "--size-budget", "lots", "-q"], code=2)
+    assert "--size-budget 'lots'" in msg
+    msg = run_cli(["quantize", "--checkpoint", str(ckpt), "--method", "ptq", "--size-budget", "5KB", "--layer-bits", "body.1=8",
+                   "-q", "-o", str(tmp_path / "b.qx.safetensors")], code=2)
+    assert "drop --layer-bits" in msg

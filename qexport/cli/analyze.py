@@ -8,17 +8,7 @@ from pathlib import Path
 import click
 
 from qadmm.errors import UserError
-from qexport.cli.options import SEED, data_file, data_options, factory_file, normalize_option
-
-
-def _bits(text: str) -> list[int]:
-    try:
-        bits = sorted({int(b) for b in text.split(",")}, reverse=True)
-    except ValueError:
-        raise UserError(f"--bits {text!r}: give widths from 1 to 8 separated by commas, e.g. 8,4,2,1") from None
-    if not bits or not all(1 <= b <= 8 for b in bits):
-        raise UserError(f"--bits {text!r}: every width must be from 1 to 8, e.g. 8,4,2,1")
-    return bits
+from qexport.cli.options import SEED, data_file, data_options, factory_file, normalize_option, parse_bits
 
 
 def table(sens) -> str:
@@ -67,7 +57,7 @@ def analyze(data_name, data_dir, label_column, model_name, checkpoint, normalize
     from qexport.fileio import atomic_path, check_output_path
     from qexport.workflow import float_model, load_data
 
-    bits = _bits(bits_text)
+    bits = parse_bits(bits_text, "--bits")
     user = bool(model_name and model_name not in NAMES)
     if normalize not in (None, "none") and not user:
         raise UserError("--normalize is for your own model (--model module:factory): zoo models and qexport "

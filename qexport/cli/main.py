@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from qadmm.errors import UserError
-from qexport.cli.options import SEED, Group, data_file, data_options, factory_file, normalize_option, train_options
+from qexport.cli.options import SEED, Group, data_file, data_options, factory_file, normalize_option, parse_bits, train_options
 from qexport.workflow import float_model, load_data, preprocessing
 
 EPILOG_QUANTIZE = """\b
@@ -121,6 +121,15 @@ def layer_table(history: list) -> str:
     return "\n".join(lines)
 
 
+def parse_bytes(text: str) -> int:
+    """60KB (×1000), 48KiB (×1024), 1MB, 61440 (bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB)?\s*", text, flags=re.I)
+    if not m:
+        raise UserError(f"--size-budget {text!r}: give bytes, e.g. 61440, 60KB or 48KiB")
+    unit = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 10**6, "mib": 2**20}[(m.group(2) or "").lower()]
+    return int(float(m.group(1)) * unit)
+
+
 @main.command(epilog=EPILOG_QUANTIZE)
 @data_options
 @click.option("--model", "model_name", default=None,
@@ -142,6 +151,10 @@ def layer_table(history: list) -> str:
               help="Per-layer bit widths (mixed precision), e.g. 'conv1=8,fc*=2'; fnmatch patterns on layer names "
                    "(see `qexport inspect`), the first match wins; other layers get --bits.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching layers float (repeatable).")
+@click.option("--size-budget", default=None, metavar="BYTES",
+              help="Mixed precision: choose a width per layer from --bit-choices so the quantized layers' codes and "
+                   "scales fit in this many bytes (e.g. 60KB, 48KiB, 61440); the most sensitive layers get more bits.")
+@click.option("--bit-choices", default="8,4,2,1", show_default=True, help="Widths --size-budget may choose from.")
 @normalize_option
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Method hyperparameter override (repeatable).")
 @click.option("--calib-samples", type=click.IntRange(1), default=2048, show_default=True,
@@ -159,7 +172,7 @@ def layer_table(history: list) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--list-methods", is_flag=True, help="List the back-ends and their hyperparameters, then exit.")
 def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, bits, scheme, per_channel, keep_first,
-             keep_last, layer_bits, exclude, normalize, params, calib_samples, bn_reestimate, bias_correction, device, epochs,
+             keep_last, layer_bits, exclude, size_budget, bit_choices, normalize, params, calib_samples, bn_reestimate, bias_correction, device, epochs,
              lr, batch_size, patience, seed, output, quiet, list_methods):
     """Quantize a float model's weights to integer codes and scales; write the artifact."""
     import dataclasses
@@ -180,6 +193,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
             click.echo(f"{name:10s} {summary}\n{'':10s} {fields}")
         return
     lbits = parse_layer_bits(layer_bits)
+    budget, choices = (parse_bytes(size_budget), parse_bits(bit_choices)) if size_budget is not None else (None, ())
     spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
                      seed=seed, params=parse_params(params), progress=not quiet, calib_samples=calib_samples,
                      bn_reestimate=bn_reestimate, bias_correction=bias_correction, device=device, layer_bits=lbits,
@@ -201,7 +215,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
                        exclude=exclude, keep_first=keep_first, keep_last=keep_last, params=spec.params,
                        normalize=normalize if user and checkpoint else None, calib_samples=calib_samples,
                        bn_reestimate=bn_reestimate, bias_correction=bias_correction, seed=seed, device=device,
-                       progress=not quiet, model_name=name, source=source)
+                       progress=not quiet, model_name=name, source=source, size_budget=budget, bit_choices=choices)
     digest = art.save(out)
     m = art.meta
     acc = m["accuracy"]
@@ -210,6 +224,10 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     if acc["float_test"] is not None:
         click.echo(f"  float     test accuracy {acc['float_test']:6.2f}%")
         click.echo(f"  quantized test accuracy {acc['quantized_test']:6.2f}%   ({m['method']['seconds']:.1f} s)")
+    if "mixed_precision" in m:
+        mp = m["mixed_precision"]
+        widths = ", ".join(f"{n}={b}" for n, b in mp["chosen"].items())
+        click.echo(f"  mixed precision under {mp['size_budget']} B: {mp['bytes']} B of codes and scales ({widths})")
     else:  # unlabelled data: how close the quantized model's outputs are to the float model's
         click.echo(f"  agreement with the float model on the test inputs: {describe_agreement(m['agreement'])}"
                    f"   ({m['method']['seconds']:.1f} s)")

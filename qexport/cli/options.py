@@ -96,3 +96,12 @@ def train_options(f):
     return f
 
 
+def parse_bits(text: str, option: str = "--bit-choices") -> list[int]:
+    """Bit widths 1..8 from "8,4,2,1", widest first."""
+    try:
+        bits = sorted({int(b) for b in text.split(",")}, reverse=True)
+    except ValueError:
+        raise UserError(f"{option} {text!r}: give widths from 1 to 8 separated by commas, e.g. 8,4,2,1") from None
+    if not bits or not all(1 <= b <= 8 for b in bits):
+        raise UserError(f"{option} {text!r}: every width must be from 1 to 8, e.g. 8,4,2,1")
+    return bits
