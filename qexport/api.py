@@ -153,7 +153,7 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
         "dataset": data.describe(),
         "float_training": source or {},
         "method": {"name": method, "params": result.params, "seconds": round(seconds, 2)},
-        "spec": {"bits": bits, "scheme": codes.scheme, "per_channel": per_channel, "keep_first": keep_first,
+        "spec": {"bits": spec.bits, "scheme": codes.scheme, "per_channel": per_channel, "keep_first": keep_first,
                  "keep_last": keep_last, "layer_bits": spec.layer_bits, "exclude": list(spec.exclude), "seed": seed,
                  "calib_samples": calib_samples, "bn_reestimate": bn_reestimate, "bias_correction": bias_correction,
                  "device": device},
