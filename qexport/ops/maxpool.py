@@ -58,7 +58,7 @@ class MaxPool(Kind):
             g = [xs[0], 1, xs[1], 1, ys[1], 1, k[0], 1, s[0], 1, d[0], 0, p[0]]
         else:
             g = [xs[0], xs[1], xs[2], ys[1], ys[2], k[0], k[1], s[0], s[1], d[0], d[1], p[0], p[1]]
-        name = f"qm_pool{len(cg.decls)}"
+        name = cg.name("qm_pool")
         cg.decls.append(f"static const qi_pool_t {name} = {{{', '.join(f'{int(v)}u' for v in g)}}}; /* {op.name} */")
         cg.calls.append(f"qi_maxpool(&{name}, {{{op.inputs[0]}}}, {{{op.out}}}); /* {op.name} */")
         return True

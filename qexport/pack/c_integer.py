@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -61,11 +62,15 @@ class CGen:
     calls: list[str] = field(default_factory=list)
     flash: dict[str, int] = field(default_factory=lambda: {"codes": 0, "constants": 0})
     row: int = 0  # the longest output channel's codes: the one unpacked row in RAM
+    count: int = 0  # names given so far (`name`)
+
+    def name(self, prefix: str) -> str:
+        """A fresh C identifier."""
+        self.count += 1
+        return f"{prefix}{self.count - 1}"
 
     def root(self, v: str) -> str:
-        while v in self.aliases:
-            v = self.aliases[v]
-        return v
+        return root(v, self.aliases)
 
     def ptr(self, v: str) -> str:
         return f"qm_arena + {self.offsets[self.root(v)]}u"
@@ -99,7 +104,7 @@ class CGen:
         px, py = self.qp[op.inputs[0]], self.qp[op.out]
         cout = il.q.shape[0]
         m = (np.float32(px.scale) * np.broadcast_to(il.w_scale, (cout,)).astype(np.float32)) / np.float32(py.scale)
-        k = len([d for d in self.decls if d.startswith("static const qi_conv_t")])
+        k = self.name("")
         codes = self.array("uint8_t", f"qm_codes{k}", lay.data, codes=True)
         flip = self.array("int8_t", f"qm_flip{k}", il.sign)
         bias = self.array("int32_t", f"qm_bias{k}", il.bias)
@@ -117,22 +122,24 @@ class CGen:
         return f"qm_layer{k}"
 
 
+def root(v: str, aliases: dict[str, str]) -> str:
+    """The value whose bytes `v` shares (itself unless a Flatten/Reshape made it)."""
+    while v in aliases:
+        v = aliases[v]
+    return v
+
+
 def plan_arena(ops: list[Op], values: list[str], sizes: dict[str, int], aliases: dict[str, str]) -> tuple[dict[str, int], int]:
     """Offsets for the values (aliases resolved to their root) and the arena's size: greedy by size,
     each at the lowest offset free of every value whose lifetime (first write to last read, in op
     order) meets its own."""
-    def root(v: str) -> str:
-        while v in aliases:
-            v = aliases[v]
-        return v
-
     born = {INPUT: -1}
     last: dict[str, int] = {}
     for k, op in enumerate(ops):
-        born.setdefault(root(op.out), k)
+        born.setdefault(root(op.out, aliases), k)
         for i in op.inputs:
-            last[root(i)] = k
-    last[root(OUTPUT)] = len(ops)
+            last[root(i, aliases)] = k
+    last[root(OUTPUT, aliases)] = len(ops)
     roots = [v for v in values if v not in aliases]
     placed: list[tuple[int, int, int, int]] = []  # (offset, end, born, last)
     offsets: dict[str, int] = {}
@@ -165,9 +172,7 @@ def integer_c(art, packed, qp: dict[str, QParams], calib: dict) -> CModel:
 
     check_int8(art)
     ops = fuse(art.graph)
-    cg = CGen(qp, art.layers, {lay.name: lay for lay in packed.layers}, dict(art.graph.shapes))
-    cg.shapes.setdefault(INPUT, list(art.graph.input_shape))
-    _refuse(art, [op for op in ops if KINDS[op.kind].c(cg, op) is False])
+    cg = _emit(art, packed, qp, ops, skip_float_input=False)
     # values: the quantized input (if an op reads it) and every op's output
     values = ([INPUT] if reads_input(ops) else []) + [op.out for op in ops]
     sizes = {v: cg.size(v) for v in values}
@@ -213,13 +218,18 @@ def integer_c(art, packed, qp: dict[str, QParams], calib: dict) -> CModel:
     return CModel(files, dict(cg.flash), arena + cg.row, manifest)
 
 
-def _refuse(art, missing: list[Op]) -> None:
+def _emit(art, packed, qp: dict[str, QParams], ops: list[Op], skip_float_input: bool) -> CGen:
+    """Every op's C through its kind; a UserError naming every op without a C kernel."""
+    cg = CGen(qp, art.layers, {lay.name: lay for lay in packed.layers}, dict(art.graph.shapes))
+    cg.shapes.setdefault(INPUT, list(art.graph.input_shape))
+    missing = [op for op in ops if not (skip_float_input and KINDS[op.kind].float_input) and KINDS[op.kind].c(cg, op) is False]
     if missing:
         names = ", ".join(f"{op.name} ({op.kind}{'' if op.name in art.layers or op.kind not in ('conv', 'linear') else ', kept float'})"
                           for op in missing[:8])
         raise UserError(f"to-c has no integer C kernel for {len(missing)} op(s): {names}{', ...' if len(missing) > 8 else ''}; "
                         "to-c takes conv, linear (quantized), batchnorm and relu/relu6 folded into them, max pool, global "
                         "average pool, add, flatten, reshape and a scalar input normalisation: use `qexport to-onnx` for this model")
+    return cg
 
 
 def check_c(art, packed) -> None:
@@ -230,15 +240,11 @@ def check_c(art, packed) -> None:
 
     ops = fuse(art.graph)
     qp = {v: QParams(np.float32(1.0), np.uint8(0)) for op in ops for v in [*op.inputs, op.out]}
-    cg = CGen(qp, art.layers, {lay.name: lay for lay in packed.layers}, dict(art.graph.shapes))
-    cg.shapes.setdefault(INPUT, list(art.graph.input_shape))
-    _refuse(art, [op for op in ops if not KINDS[op.kind].float_input and KINDS[op.kind].c(cg, op) is False])
+    _emit(art, packed, qp, ops, skip_float_input=True)
 
 
 def _resolve(call: str, cg: CGen) -> str:
     """A kind's call with `{value}` placeholders replaced by arena pointers."""
-    import re
-
     return re.sub(r"\{([^{}]+)\}", lambda m: cg.ptr(m.group(1)) if m.group(1) in cg.offsets or m.group(1) in cg.aliases
                   else m.group(0), call)
 
