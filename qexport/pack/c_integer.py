@@ -316,7 +316,12 @@ def build_cortex_m4(folder: Path, out: Path) -> dict[str, int]:
         r = subprocess.run([ARM_GCC, *M4_FLAGS, *CFLAGS, "-T", str(ld), *srcs, "-lm", "-o", str(out)],
                            capture_output=True, text=True)
     if r.returncode != 0:
-        raise UserError(f"the C sources in {folder} do not build for the Cortex-M4: {r.stderr.strip()[:300]}")
+        over = re.search(r"region `(\w+)' overflowed by (\d+) bytes", r.stderr)
+        if over:
+            raise UserError(f"the model does not fit the Cortex-M4 board's 4 MiB of {'code memory' if over.group(1) == 'FLASH' else 'RAM'} "
+                            f"(over by {over.group(2)} bytes): quantize to fewer bits, or verify on the host only")
+        first = next((line for line in r.stderr.splitlines() if "error" in line), r.stderr.strip()[:200])
+        raise UserError(f"the C sources in {folder} do not build for the Cortex-M4: {first.strip()}")
     size = subprocess.run(["arm-none-eabi-size", str(out)], capture_output=True, text=True)
     text, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
     return {"text": text, "data": data, "bss": bss}
