@@ -33,24 +33,28 @@ def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128, stop
     With `stop_at`, each forward pass stops where that module's input is ready: the BatchNorms it
     did not reach are left reset, for a caller that re-estimates them again before they are used
     (the layer walk: each step needs only what lies before the next layer, the last step everything).
-    Their statistics do not depend on the old ones (train mode normalises with the batch's own)."""
+    Their statistics do not depend on the old ones (train mode normalises with the batch's own). A
+    model with `stream_batchnorm` (a graph inside a layer walk) may go on from where the previous call stopped."""
     bns = batchnorms(model)
     if not bns:
         return 0
     momenta = [bn.momentum for bn in bns]
     model.eval()
     for bn in bns:
-        bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the batches, not an exponential one
         bn.train()
     # Equal-size batches (a short last one is dropped when there are full ones): the cumulative average
-    # of the batch means is then the mean over the samples used.
+    # of the batch means is then the mean over the samples used; a batch of one has no variance.
     starts = range(0, len(x) - len(x) % batch_size if len(x) >= batch_size else 1, batch_size)
+    batches = [slice(i, i + batch_size) for i in starts if len(x[i:i + batch_size]) > 1]
+    stream = getattr(model, "stream_batchnorm", None)  # a layer walk's model may go on from where it stopped
     try:
-        with stop_before(stop_at) as run:
-            for i in starts:
-                if len(x[i:i + batch_size]) > 1:  # a batch of one has no variance
-                    run(model, x[i:i + batch_size])
+        if stream is None or not stream(x, batches, stop_at):
+            for bn in bns:
+                bn.reset_running_stats()
+            with stop_before(stop_at) as run:
+                for b in batches:
+                    run(model, x[b])
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom

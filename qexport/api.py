@@ -133,8 +133,10 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
                "fitted_on": "inside the model (train split)"}
     float_acc = accuracy(model, data.x_test, data.y_test) if classifier else None
     t0 = time.perf_counter()
-    # a torch.export capture is quantized as the graph (every layer a module call, in forward order)
-    work = model if graph.source == "torch.fx" else rebuilt(graph, model)
+    # a torch.export capture is quantized as the graph (every layer a module call, in forward order); so is any
+    # capture by a calibration-only back-end, whose layer walk then runs the images through once, not once per layer
+    rebuild = graph.source != "torch.fx" or methods.calibration_only(method)
+    work = rebuilt(graph, model) if rebuild else model
     mixed = None
     if size_budget is not None:
         spec, mixed = _choose_bits(work, data, spec, size_budget, bit_choices)

@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qadmm.errors import BadFile, UserError
+from qadmm.recalibrate import BATCHNORMS
 from qexport.ops import IDENTITY_FUNCTIONS, IDENTITY_METHODS, IDENTITY_MODULES, KINDS, is_identity_call, kind_of_call, \
     kind_of_module
 from qexport.ops.aten import const_specs
@@ -341,10 +342,24 @@ class GraphModel(nn.Module):
         between layers, each op computed with the weights it has when the walk reaches it. Valid
         for a walk in forward order that only changes layers at or after the one it reached."""
         self._stream = {"x": x, "pos": 0, "vals": None, "batch": None}
+        self._bn_stream = {"key": None, "pos": 0, "vals": None}
         try:
             yield self
         finally:
-            self._stream = None
+            self._stream = self._bn_stream = None
+
+    def _advance(self, vals: list[dict[str, torch.Tensor]], start: int, stop: int) -> None:
+        """Run ops start..stop-1 on every batch's values, freeing each value after its last reader.
+        Batches go one after another through each op, so a BatchNorm in train mode averages them in order."""
+        ops = self.graph.ops
+        last = {v: k for k, op in enumerate(ops) for v in op.inputs}  # the last op reading each value
+        for k in range(start, stop):
+            op = ops[k]
+            for v in vals:
+                v[op.out] = KINDS[op.kind].run(op, [v[i] for i in op.inputs])
+                for i in set(op.inputs):
+                    if last[i] == k:
+                        del v[i]
 
     @torch.no_grad()
     def stream_inputs(self, layer: nn.Module, x: torch.Tensor, batch_size: int) -> list[torch.Tensor] | None:
@@ -357,21 +372,41 @@ class GraphModel(nn.Module):
             return None
         if st["vals"] is None or st["pos"] > at:  # (re)start from the input
             st.update(vals=[{INPUT: x[i:i + batch_size]} for i in range(0, len(x), batch_size)], pos=0, batch=batch_size)
-        last = {v: k for k, op in enumerate(ops) for v in op.inputs}  # the last op reading each value
         was_training = self.training
         self.eval()
         try:
-            for k in range(st["pos"], at):
-                op = ops[k]
-                for vals in st["vals"]:
-                    vals[op.out] = KINDS[op.kind].run(op, [vals[i] for i in op.inputs])
-                    for i in set(op.inputs):
-                        if last[i] == k:
-                            del vals[i]
+            self._advance(st["vals"], st["pos"], at)
         finally:
             self.train(was_training)
         st["pos"] = at
         return [vals[ops[at].inputs[0]] for vals in st["vals"]]
+
+    @torch.no_grad()
+    def stream_batchnorm(self, x: torch.Tensor, batches: list[slice], stop_at: nn.Module | None) -> bool:
+        """BatchNorm re-estimation (`qadmm.recalibrate.reestimate_bn`, its BatchNorms already in train
+        mode) continued from where the walk's previous one stopped: the train-mode values there are kept,
+        and only the BatchNorms from there to `stop_at` (or the end) are computed. The same
+        statistics as running the batches from the input: those before did not change (the walk only
+        changes layers at or after where it stands) and train mode never reads the old ones. False
+        outside `streamed`, or for inputs other than a prefix of the walk's (the caller runs the model)."""
+        st, bst = getattr(self, "_stream", None), getattr(self, "_bn_stream", None)
+        if st is None or bst is None or x.data_ptr() != st["x"].data_ptr():
+            return False
+        ops = self.graph.ops
+        at = len(ops) if stop_at is None else next((k for k, op in enumerate(ops) if op.module is stop_at), None)
+        if at is None:
+            return False
+        key = (len(x), tuple((b.start, b.stop) for b in batches))
+        if bst["vals"] is None or bst["key"] != key or bst["pos"] > at:  # (re)start from the input, every
+            for op in ops:  # BatchNorm reset (each runs once from here, when the stream reaches it)
+                if isinstance(op.module, BATCHNORMS):
+                    op.module.reset_running_stats()
+            bst.update(key=key, pos=0, vals=[{INPUT: x[b]} for b in batches])
+        self._advance(bst["vals"], bst["pos"], at)
+        bst["pos"] = at
+        if at == len(ops):  # the whole network ran: nothing is kept
+            bst.update(key=None, pos=0, vals=None)
+        return True
 
 
 def apply_op(op: Op, xs: list[torch.Tensor]) -> torch.Tensor:

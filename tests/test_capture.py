@@ -136,3 +136,49 @@ def test_streamed_walk_gives_the_same_codes(captured, digits01):
     for name in streamed.layers:
         assert torch.equal(streamed.layers[name].q, again.layers[name].q)
         assert torch.equal(streamed.layers[name].alpha, again.layers[name].alpha)
+
+
+class BNStack(nn.Module):
+    """Three conv-BatchNorm pairs (one grouped), a residual add and a head: BatchNorms between every
+    pair of quantized layers, so each walk step re-estimates some."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = y + self.b3(self.c3(torch.relu(self.b2(self.c2(y)))))
+        return self.fc(torch.relu(y).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["gptq", "ldnq"])
+def test_streamed_batchnorm_reestimation_is_the_plain_one(digits01, method):
+    """With BatchNorm re-estimated after each layer, the streamed walk keeps the train-mode values
+    where the last re-estimation stopped instead of running from the input again: the same codes,
+    scales and BatchNorm statistics as the walk on the plain model."""
+    from qadmm import methods
+    from qadmm.recalibrate import reestimate_bn
+    from qadmm.spec import QuantSpec
+    from qexport.graph import rebuilt
+
+    torch.manual_seed(0)
+    model = BNStack()
+    reestimate_bn(model, torch.as_tensor(digits01.x_train[:512], dtype=torch.float32).reshape(-1, 1, 8, 8))
+    graph = trace(model, (1, 8, 8))
+    spec = QuantSpec(bits=2, per_channel=True, calib_samples=400, seed=0, bn_reestimate=False,
+                     params={"bn_samples": 300} if method == "gptq" else {})
+    streamed = methods.quantize(method, rebuilt(graph, model), digits01, spec)
+    plain = rebuilt(graph, model)
+    plain.streamed = None
+    again = methods.quantize(method, plain, digits01, spec)
+    for name in ("c1", "c2", "c3", "fc"):
+        assert torch.equal(streamed.layers[name].q, again.layers[name].q), name
+        assert torch.equal(streamed.layers[name].alpha, again.layers[name].alpha), name
+    ours, theirs = streamed.model.state_dict(), again.model.state_dict()
+    assert any("running_mean" in k for k in ours)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
