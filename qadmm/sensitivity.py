@@ -105,35 +105,123 @@ def sensitivity(model: nn.Module, data: Dataset, bits: list[int], per_channel: b
     return Sensitivity(metric, round(score(ref), 3), list(bits), per_channel, out)
 
 
-def allocate(layers: list[LayerSensitivity], budget: int) -> dict[str, int]:
-    """A width per layer, from the widths measured, that keeps Σ bytes ≤ `budget` and makes the
-    predicted loss Σ_l ε_l small, with ε_l = 10^(−SQNR_l/10) the layer's relative output error
-    tr(ΔW H ΔWᵀ)/tr(W H Wᵀ): a second-order, Hessian-based sensitivity as in HAWQ-V3 (Yao et al.,
-    ICML 2021, which weighs the loss Hessian and solves an integer program). Here the allocation is
-    the greedy of the multiple-choice knapsack: every layer starts at its narrowest width, then the
-    upgrade with the largest drop of ε per added byte that still fits is taken, until none fits.
-    A UserError when even the narrowest widths exceed the budget."""
+@dataclass
+class AlongLayer:
+    name: str
+    sqnr_db: float  # the layer's own output with the given (quantized) weights, float network, calibration inputs
+    alone: float  # the network's metric with only this layer's weights replaced
+    cumulative: float  # ... with this layer and every one before it (forward order) replaced
+
+
+@torch.no_grad()
+def along(model: nn.Module, replaced: dict[str, dict[str, torch.Tensor]], data: Dataset, calib_samples: int = 512,
+          eval_samples: int | None = 2000, seed: int = 0, progress: bool = False) -> tuple[str, float, list[AlongLayer]]:
+    """Where the accuracy goes in a quantized model: `replaced` maps layer names of the float `model`
+    to the parameters a quantized model gives them ({"weight": α·Q, "bias": ...}); each is put in alone,
+    and cumulatively in forward order. Returns (metric, float metric, per layer). Only the named
+    parameters change: BatchNorm statistics stay the float model's, so the last cumulative value
+    can differ from the quantized model's own (its statistics were re-estimated)."""
+    model = model.eval()
+    x = data.calibration(calib_samples, seed)
+    x_eval = torch.as_tensor(np.asarray(data.x_test[:eval_samples], np.float32))
+    y_eval = np.asarray(data.y_test[:eval_samples]) if data.labelled else None
+    ref = predict(model, x_eval, EVAL_BATCH)
+    classifier = ref.dim() == 2 and data.num_classes > 0
+
+    def score() -> float:
+        out = predict(model, x_eval, EVAL_BATCH)
+        if y_eval is not None:
+            return round(float((out.argmax(1).numpy() == y_eval).mean() * 100), 3)
+        a = agreement(ref, out, classifier)
+        v = a["top1_agreement"] if classifier else a["sqnr_db"]
+        return math.inf if v is None else float(v)
+
+    metric = "accuracy" if y_eval is not None else ("top1 agreement" if classifier else "sqnr_db")
+    float_metric = score()
+    modules = dict(model.named_modules())
+    order = [n for n, _ in select_layers(model, QuantSpec(bits=8)) if n in replaced]
+    missing = sorted(set(replaced) - set(order))
+    if missing:
+        from qadmm.errors import UserError
+
+        raise UserError(f"layers {', '.join(missing)} of the quantized model are not quantizable layers of the float model: "
+                        "give the float checkpoint the artifact was made from")
+    saved = {n: {k: getattr(modules[n], k).detach().clone() for k in replaced[n]} for n in order}
+
+    def put(name: str, params: dict[str, torch.Tensor]) -> None:
+        for k, v in params.items():
+            getattr(modules[name], k).copy_(v.reshape(getattr(modules[name], k).shape))
+
+    out = []
+    for name in tqdm(order, desc="along", disable=not progress):
+        m = modules[name]
+        w = weight_matrix(m).double()
+        h = input_hessian(model, m, x)
+        err = output_error(w - replaced[name]["weight"].reshape(len(w), -1).double(), h)
+        sqnr = round(10 * math.log10(max(output_error(w, h), 1e-300) / err), 3) if err > 0 else math.inf
+        out.append(AlongLayer(name, sqnr, math.nan, math.nan))
+    for step in out:  # alone: one layer at a time
+        put(step.name, replaced[step.name])
+        step.alone = score()
+        put(step.name, saved[step.name])
+    for step in out:  # cumulative: the layers so far stay replaced
+        put(step.name, replaced[step.name])
+        step.cumulative = score()
+    for name in order:
+        put(name, saved[name])
+    return metric, float_metric, out
+
+
+FLOAT = 32  # the width of a layer kept float (fp32 weights, no scale) when an allocation may keep one
+
+
+def cost(s: LayerSensitivity, width: int) -> tuple[int, int]:
+    """(bytes, code bits) of layer `s` at `width`: codes and scales as `inspect` counts them, or fp32 weights."""
+    return (4 * s.params, FLOAT * s.params) if width == FLOAT else (s.bytes[width], s.params * width)
+
+
+def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_bits: int | None = None,
+             allow_float: bool = False) -> dict[str, int]:
+    """A width per layer, from the widths measured (and FLOAT with `allow_float`), that keeps the
+    bytes ≤ `max_bytes` and the code bits Σ params·width ≤ `max_bits` (either may be None: no limit)
+    and makes the predicted loss Σ_l ε_l small, with ε_l = 10^(−SQNR_l/10) the layer's relative
+    output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) (0 for a float layer): a second-order, Hessian-based
+    sensitivity as in HAWQ-V3 (Yao et al., ICML 2021, which weighs the loss Hessian and solves an
+    integer program). Here the allocation is the greedy of the multiple-choice knapsack: every layer
+    starts at its narrowest width, then the upgrade with the largest drop of ε per added byte that
+    still fits is taken, until none fits. A UserError when even the narrowest widths do not fit."""
     from qadmm.errors import UserError
 
     def eps(s: LayerSensitivity, b: int) -> float:
-        return 0.0 if not math.isfinite(s.sqnr_db[b]) else 10 ** (-s.sqnr_db[b] / 10)
+        return 0.0 if b == FLOAT or not math.isfinite(s.sqnr_db[b]) else 10 ** (-s.sqnr_db[b] / 10)
 
-    choice = {s.name: min(s.bytes) for s in layers}
-    used = sum(s.bytes[choice[s.name]] for s in layers)
-    if used > budget:
-        raise UserError(f"size budget {budget} B is below the smallest model these widths allow ({used} B, every layer at "
-                        f"{min(choice.values())} bit(s)): raise --size-budget or allow narrower --bit-choices")
+    def fits(nbytes: int, nbits: int) -> bool:
+        return (max_bytes is None or nbytes <= max_bytes) and (max_bits is None or nbits <= max_bits)
+
+    options = {s.name: sorted(s.bytes) + ([FLOAT] if allow_float else []) for s in layers}
+    choice = {s.name: options[s.name][0] for s in layers}
+    used = [sum(cost(s, choice[s.name])[k] for s in layers) for k in (0, 1)]
+    if not fits(*used):
+        narrow = min(choice.values())
+        if max_bytes is not None and used[0] > max_bytes:
+            raise UserError(f"size budget {max_bytes} B is below the smallest model these widths allow ({used[0]} B, every "
+                            f"layer at {narrow} bit(s)): raise --size-budget or allow narrower --bit-choices")
+        raise UserError(f"an average of {max_bits / max(sum(s.params for s in layers), 1):.3g} bits is below the narrowest "
+                        f"width allowed ({narrow}): raise --avg-bits or allow narrower --bit-choices")
     while True:
         best = None
         for s in layers:
-            cur = choice[s.name]
-            for b in s.bytes:
-                extra = s.bytes[b] - s.bytes[cur]
-                if b > cur and used + extra <= budget:
-                    gain = (eps(s, cur) - eps(s, b)) / max(extra, 1)
+            cur = cost(s, choice[s.name])
+            for b in options[s.name]:
+                new = cost(s, b)
+                extra = new[0] - cur[0]
+                if b > choice[s.name] and fits(used[0] + extra, used[1] + new[1] - cur[1]):
+                    gain = (eps(s, choice[s.name]) - eps(s, b)) / max(extra, 1)
                     if gain > 0 and (best is None or gain > best[0]):
-                        best = (gain, s, b, extra)
+                        best = (gain, s, b)
         if best is None:
             return choice
-        _, s, b, extra = best
-        choice[s.name], used = b, used + extra
+        _, s, b = best
+        old, new = cost(s, choice[s.name]), cost(s, b)
+        used = [used[k] + new[k] - old[k] for k in (0, 1)]
+        choice[s.name] = b

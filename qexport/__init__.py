@@ -1,11 +1,12 @@
 """qexport: quantized PyTorch models to ONNX and bit-packed binaries, with a verifier.
 
-The Python API (`qexport.api`): `quantize`, `load`, `to_onnx`, `to_c`, `verify`, `load_data`; imported
+The Python API (`qexport.api`): `quantize`, `load`, `to_onnx`, `to_c`, `verify`, `load_data`, and
+`analyze` (which layer hurts), and `Budget` (mixed precision under a size or accuracy budget, `qexport.mixed`); imported
 on first use so that `qexport --help` stays fast.
 """
 __version__ = "0.3.0"
 
-__all__ = ["quantize", "load", "to_onnx", "to_c", "verify", "load_data"]
+__all__ = ["quantize", "analyze", "load", "to_onnx", "to_c", "verify", "load_data", "Budget"]
 
 
 def __getattr__(name: str):
@@ -13,10 +14,14 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("qexport.api")
-    if name in ("quantize", "load", "to_onnx", "to_c", "verify"):
+    if name in ("quantize", "analyze", "load", "to_onnx", "to_c", "verify"):
         from qexport import api
 
         return getattr(api, name)
+    if name == "Budget":
+        from qexport.mixed import Budget
+
+        return Budget
     if name == "load_data":
         from qadmm.data import load_dataset
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import dataclass
 import sys
 import time
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from qadmm.zoo import Normalize
 from qexport.artifact import Artifact, load_artifact
 from qexport.fileio import versions
 from qexport.graph import rebuilt, trace
+from qexport.mixed import Budget, search
 from qexport.ops.base import OUTPUT
 
 DEFAULT_METHOD = "lq"
@@ -95,8 +97,7 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
              keep_first: bool = False, keep_last: bool = False, params: Any = None, normalize: str | Sequence | None = None,
              calib_samples: int = 2048, bn_reestimate: bool | None = None, bias_correction: bool | None = None,
              seed: int = 0, device: str = "cpu", progress: bool = False, model_name: str | None = None,
-             source: dict | None = None, size_budget: int | None = None,
-             bit_choices: Sequence[int] = (8, 4, 2, 1)) -> Artifact:
+             source: dict | None = None, budget: Budget | None = None) -> Artifact:
     """Quantize a trained float model's weights with back-end `method`; the artifact, in memory
     (`art.save(path)` writes it).
 
@@ -105,8 +106,8 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     `exclude` leaves matching layers float. `normalize` puts (x - mean)/std in front of the model
     ("fit" on the training split, or (mean, std)); the default None adds nothing. The model is
     traced first, so an unsupported op is refused before any work. The caller's model is not
-    modified. `size_budget` (bytes of codes and scales of the quantized layers): choose a width
-    per layer from `bit_choices` under it (`qadmm.sensitivity.allocate`); `bits` is then unused."""
+    modified. `budget` (`qexport.Budget(size_bytes=, avg_bits=, max_drop=, bit_choices=, ...)`): choose a
+    width per layer under it and measure (`qexport.mixed.search`); `bits` is then unused."""
     data = as_dataset(data, seed)
     if params is not None and dataclasses.is_dataclass(params):
         params = dataclasses.asdict(params)
@@ -115,6 +116,8 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
                      bn_reestimate=bn_reestimate, bias_correction=bias_correction, device=device,
                      layer_bits=dict(layer_bits or {}), exclude=tuple(exclude))
     methods.check(method, spec)
+    if budget is not None:
+        budget.validate()
     pre = normalization(normalize, data)
     model = with_normalization(copy.deepcopy(model), pre).eval()
     graph = trace(model, data.input_shape)  # refuses unsupported ops now, not after minutes of work
@@ -138,9 +141,10 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     rebuild = graph.source != "torch.fx" or methods.calibration_only(method)
     work = rebuilt(graph, model) if rebuild else model
     mixed = None
-    if size_budget is not None:
-        spec, mixed = _choose_bits(work, data, spec, size_budget, bit_choices)
-    result = methods.quantize(method, work, data, spec)
+    if budget is not None:
+        result, spec, mixed = search(work, data, spec, budget, lambda s: methods.quantize(method, work, data, s))
+    else:
+        result = methods.quantize(method, work, data, spec)
     seconds = time.perf_counter() - t0
     q_acc = accuracy(result.model, data.x_test, data.y_test) if classifier else None
     with torch.no_grad():
@@ -171,25 +175,50 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     return Artifact.create(result.model, result.layers, meta, graph)
 
 
-def _choose_bits(model: nn.Module, data: Dataset, spec: QuantSpec, budget: int, choices: Sequence[int]) -> tuple[QuantSpec, dict]:
-    """The spec with one width per layer under `budget` bytes, and the record of the choice."""
-    from qadmm.sensitivity import allocate, sensitivity
+@dataclass
+class Analysis:
+    """What `analyze` measured: each layer alone at each width, and (for a quantized model) the
+    layers along the network."""
 
-    choices = sorted({int(b) for b in choices}, reverse=True)
-    if not choices or not all(1 <= b <= 8 for b in choices):
-        raise UserError(f"bit choices {choices}: every width must be from 1 to 8")
-    if spec.layer_bits or spec.scheme not in (None, "binary", "symmetric"):
-        raise UserError("a size budget chooses the widths itself: drop --layer-bits and --scheme")
-    sens = sensitivity(model, data, choices, spec.per_channel, min(spec.calib_samples, 512), seed=spec.seed,
-                       progress=spec.progress, evaluate=False, spec=spec)
-    chosen = allocate(sens.layers, budget)
-    used = sum(s.bytes[chosen[s.name]] for s in sens.layers)
-    eps = sum(10 ** (-s.sqnr_db[chosen[s.name]] / 10) for s in sens.layers if np.isfinite(s.sqnr_db[chosen[s.name]]))
-    new = dataclasses.replace(spec, bits=max(chosen.values()), scheme=None, layer_bits=dict(chosen))
-    record = {"size_budget": budget, "bytes": used, "bit_choices": choices, "allocation": "greedy multiple-choice knapsack "
-              "on the layers' relative output errors (qadmm.sensitivity.allocate)", "predicted_sum_rel_output_error": eps,
-              "sqnr_db": {s.name: {str(b): v for b, v in s.sqnr_db.items()} for s in sens.layers}, "chosen": chosen}
-    return new, record
+    sensitivity: Any  # qadmm.sensitivity.Sensitivity
+    along: tuple | None = None  # (metric, float metric, [AlongLayer]) for a quantized model
+    quantized_metric: float | None = None  # that quantized model's own metric on the same samples
+
+    def to_json(self) -> dict:
+        out = self.sensitivity.to_json()
+        if self.along is not None:
+            metric, float_metric, steps = self.along
+            num = (lambda v: v if np.isfinite(v) else None)  # noqa: E731
+            out["along"] = {"metric": metric, "float_metric": float_metric, "quantized_metric": self.quantized_metric,
+                            "layers": [{"name": s.name, "sqnr_db": num(s.sqnr_db), "alone": s.alone, "cumulative": s.cumulative}
+                                       for s in steps]}
+        return out
+
+
+def analyze(model: nn.Module, data: Any, bits: Sequence[int] = (8, 4, 3, 2, 1), *, per_channel: bool = True,
+            artifact: Artifact | None = None, calib_samples: int = 512, eval_samples: int | None = 2000, seed: int = 0,
+            progress: bool = False) -> Analysis:
+    """Which layer hurts: each quantizable layer of the float `model` quantized alone at each width
+    (`qadmm.sensitivity.sensitivity`); with `artifact` (quantized from this model), also its layers put
+    into the float model one at a time and cumulatively (`qadmm.sensitivity.along`)."""
+    from qadmm.sensitivity import along, sensitivity
+
+    data = as_dataset(data, seed)
+    model = copy.deepcopy(model).eval()
+    sens = sensitivity(model, data, list(bits), per_channel, calib_samples, eval_samples, seed, progress=progress)
+    if artifact is None:
+        return Analysis(sens)
+    modules = dict(artifact.model.named_modules())
+    replaced = {n: {k: getattr(modules[n], k).detach() for k in ("weight", "bias") if getattr(modules[n], k, None) is not None}
+                for n in artifact.layers}
+    path = along(model, replaced, data, calib_samples, eval_samples, seed, progress)
+    x = data.x_test[:eval_samples]
+    if data.labelled:
+        quantized = round(accuracy(artifact.model, x, data.y_test[:eval_samples]), 3)
+    else:
+        a = agreement(predict(model, x), predict(artifact.model, x), path[0] == "top1 agreement")
+        quantized = a["top1_agreement"] if path[0] == "top1 agreement" else a["sqnr_db"]
+    return Analysis(sens, path, quantized)
 
 
 def load(path: str | Path) -> Artifact:

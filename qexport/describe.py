@@ -53,6 +53,7 @@ def describe(path: str | Path, as_json: bool = False) -> str:
              f"spec: {json.dumps({k: v for k, v in m.get('spec', {}).items() if v not in (None, False, [], {})}, sort_keys=True)}",
              f"accuracy: float {pct(acc.get('float_test'))}  quantized {pct(acc.get('quantized_test'))}"
              if acc.get("float_test") is not None else f"agreement with the float model: {describe_agreement(m.get('agreement', {}))}",
+             *([describe_mixed(m["mixed_precision"]).strip()] if "mixed_precision" in m else []),
              ""]
     header = f"{'layer':24s} {'shape':16s} {'codes':18s} {'alpha range':23s} {'bytes@N':>9s} {'fp32':>9s}  histogram"
     lines += [header, "-" * len(header)]
@@ -79,3 +80,22 @@ def describe_agreement(a: dict) -> str:
     if a.get("top1_agreement") is not None:
         parts.append(f"top-1 agreement {a['top1_agreement']:.2f}%")
     return ", ".join(parts)
+
+
+def describe_mixed(mp: dict) -> str:
+    """The widths a budget chose, their size, and each step of a --max-drop search."""
+    limits = [f"{mp['size_budget']} B" if mp.get("size_budget") is not None else "",
+              f"{mp['avg_bits_budget']} bits on average" if mp.get("avg_bits_budget") is not None else "",
+              f"a drop of at most {mp['max_drop']} points" if mp.get("max_drop") is not None else ""]
+    widths = ", ".join([f"{n}={b}" for n, b in mp["chosen"].items()] + [f"{n}=float" for n in mp.get("kept_float", [])])
+    lines = [f"  mixed precision under {' and '.join(v for v in limits if v)}: {mp['bytes']} B of codes and scales, "
+             f"{mp['avg_bits']} bits per weight on average ({widths})"]
+    if mp.get("max_drop") is not None:
+        lines.append(f"  search ({mp['drop_measured_on']}; float {mp['float_metric']:.2f}):")
+        for i, st in enumerate(mp["steps"], 1):
+            lines.append(f"    step {i}: limit {st['bytes_limit']} B -> {st['bytes']} B, {st['avg_bits']} bits, "
+                         f"{st['metric']:.2f} (drop {st['drop']:+.2f}) {'meets' if st['met'] else 'too much'}")
+        lines.append(f"  max drop {mp['max_drop']} {'met' if mp['met'] else 'NOT met'}: drop {mp['drop']:.2f} points"
+                     + ("" if mp["met"] else " at the largest model allowed; raise the size limit, allow wider "
+                        "--bit-choices or --allow-float"))
+    return "\n".join(lines)

@@ -305,6 +305,14 @@ def _series(rows: list[Row]) -> dict[tuple, list[Row]]:
     return {k: sorted(v, key=lambda w: w.bits) for k, v in sorted(out.items())}
 
 
+def png_bytes(fig) -> bytes:
+    """A matplotlib Figure as PNG, without the "Software: matplotlib x.y" chunk: the bytes depend on
+    what is drawn only."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
 def _draw(rows: list[Row], reference: Reference | None, stem: str) -> list[Plot]:
     """The figures of one (dataset, model): a box plot per bit width, accuracy against bits,
     against model bytes, and wall time per method."""
@@ -322,10 +330,7 @@ def _draw(rows: list[Row], reference: Reference | None, stem: str) -> list[Plot]
     figures = []
 
     def save(fig, name: str, alt: str) -> None:
-        buf = io.BytesIO()
-        # no "Software: matplotlib x.y" chunk: the bytes depend on the results only
-        fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-        figures.append(Plot(name, alt, buf.getvalue()))
+        figures.append(Plot(name, alt, png_bytes(fig)))
 
     # matplotlib's defaults, not the user's matplotlibrc: the same results give the same pixels
     with style.context("default"), rc_context({"font.size": 9}):
@@ -520,8 +525,9 @@ CSS = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em
 
 def _html(blocks: list[Block], pngs: dict[str, bytes]) -> str:
     e = html.escape
+    title = next((b[1] for b in blocks if isinstance(b, tuple) and b[0] == "h1"), "qexport report")
     parts = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
-             "<title>qexport sweep report</title>", f"<style>{CSS}</style></head><body>"]
+             f"<title>{e(title)}</title>", f"<style>{CSS}</style></head><body>"]
     for b in blocks:
         if isinstance(b, Table):
             parts.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr></thead><tbody>")
@@ -582,6 +588,14 @@ def write_report(results: Sequence[dict], out_dir: PathLike, reference: Referenc
                for key, stem in stems.items()}
     blocks = _blocks(results, reference, stems, figures)
     pngs = {f.name: f.png for figs in figures.values() for f in figs}
+    return write_document(out, blocks, pngs, html, inputs)
+
+
+def write_document(out: Path, blocks: list[Block], pngs: dict[str, bytes], html: bool = False,
+                   inputs: Sequence[PathLike | None] = ()) -> ReportFiles:
+    """OUT/report.md and OUT/figures/*.png (and OUT/report.html, self-contained, with `html`) from
+    `blocks` and the PNGs they name; `out` as `check_out_dir` returns it. Every path is checked
+    (none may be one of `inputs`) before the first file is written; each is written atomically."""
     texts = {"report.md": _markdown(blocks)}
     if html:
         texts["report.html"] = _html(blocks, pngs)

@@ -41,7 +41,7 @@ def test_size_budget_is_never_exceeded_and_is_recorded(tmp_path, digits):
     model = build_model("mlp-digits", digits.input_shape, digits.num_classes, digits.mean, digits.std).eval()
     two_bit = (4096 + 4096 + 640) * 2 // 8 + 4 * (64 + 64 + 10)  # every layer at 2 bits, one scale per channel
     for budget in (two_bit, two_bit + 600, 5000):
-        art = qexport.quantize(model, digits, "gptq", 4, per_channel=True, size_budget=budget, bit_choices=(8, 4, 2, 1))
+        art = qexport.quantize(model, digits, "gptq", 4, per_channel=True, budget=qexport.Budget(size_bytes=budget))
         used = sum(-(-lc.q.numel() * lc.codes.storage_bits // 8) + 4 * lc.alpha.numel() for lc in art.layers.values())
         mp = art.meta["mixed_precision"]
         assert used == mp["bytes"] <= budget
@@ -62,3 +62,50 @@ def test_size_budget_refusals(tmp_path):
     msg = run_cli(["quantize", "--checkpoint", str(ckpt), "--method", "ptq", "--size-budget", "5KB", "--layer-bits", "body.1=8",
                    "-q", "-o", str(tmp_path / "b.qx.safetensors")], code=2)
     assert "drop --layer-bits" in msg
+    for bad, message in ((["--size-budget", "0"], "--size-budget must be positive"),
+                         (["--size-budget", "-5KB"], "--size-budget '-5KB'"),
+                         (["--size-budget", "5 parsecs"], "give bytes"),
+                         (["--avg-bits", "0"], "--avg-bits must be in"),
+                         (["--avg-bits", "0.5", "--bit-choices", "4,2"], "below the narrowest width allowed (2)"),
+                         (["--max-drop", "-1"], "--max-drop must be 0 or more")):
+        out = tmp_path / "c.qx.safetensors"
+        msg = run_cli(["quantize", "--checkpoint", str(ckpt), "--method", "ptq", *bad, "-q", "-o", str(out)], code=2)
+        assert message in msg and "Traceback" not in msg and not out.exists(), (bad, msg)
+
+
+def test_avg_bits_and_allow_float(digits):
+    import qexport
+
+    torch.manual_seed(0)
+    model = build_model("mlp-digits", digits.input_shape, digits.num_classes, digits.mean, digits.std).eval()
+    art = qexport.quantize(model, digits, "ptq", 4, per_channel=True, budget=qexport.Budget(avg_bits=2.5, bit_choices=(8, 4, 2, 1)))
+    mp = art.meta["mixed_precision"]
+    params = {n: lc.q.numel() for n, lc in art.layers.items()}
+    assert sum(params[n] * lc.codes.bits for n, lc in art.layers.items()) <= 2.5 * sum(params.values())
+    assert mp["avg_bits"] <= 2.5 and len(set(mp["chosen"].values())) > 1
+    # 1 bit or float, and room for the small head alone to stay float
+    room = (4096 + 4096) * 1 // 8 + 4 * 128 + 640 * 4
+    art = qexport.quantize(model, digits, "ptq", 4, per_channel=True,
+                           budget=qexport.Budget(size_bytes=room, bit_choices=(1,), allow_float=True))
+    mp = art.meta["mixed_precision"]
+    assert mp["kept_float"] == ["body.5"] and "body.5" not in art.layers and mp["bytes"] <= room
+
+
+def test_max_drop_finds_a_smaller_model_that_meets_it_and_says_when_none_can(tmp_path, digits, digits_mlp):
+    import qexport
+    from qexport.artifact import load_artifact
+
+    art = qexport.quantize(digits_mlp, digits, "gptq", 4, per_channel=True, budget=qexport.Budget(max_drop=1.0, max_steps=5))
+    mp = art.meta["mixed_precision"]
+    assert mp["met"] and mp["drop"] <= 1.0 and 1 < len(mp["steps"]) <= 5
+    assert mp["steps"][0]["met"] and mp["bytes"] < mp["steps"][0]["bytes"]  # smaller than the widest model
+    assert mp["bytes"] == min(st["bytes"] for st in mp["steps"] if st["met"])  # the smallest that met it
+    assert mp["drop_measured_on"].startswith("accuracy, validation split")
+    # at 1 bit everywhere nothing keeps within 0.01 points: written, reported, exit status 1
+    ckpt = tmp_path / "m.safetensors"
+    run_cli(["train", "--epochs", "4", "-q", "-o", str(ckpt)])
+    out = tmp_path / "a.qx.safetensors"
+    msg = run_cli(["quantize", "--checkpoint", str(ckpt), "--method", "ptq", "--bit-choices", "1", "--max-drop", "0.01",
+                   "-q", "-o", str(out)], code=1)
+    assert "max drop 0.01 NOT met" in msg and out.exists()
+    assert load_artifact(out).meta["mixed_precision"]["met"] is False

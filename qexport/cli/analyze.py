@@ -20,6 +20,18 @@ def table(sens) -> str:
     return "\n".join("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in [head, *rows])
 
 
+def along_table(steps, float_metric: float) -> str:
+    """Per layer of a quantized model: its output SQNR, the metric with it alone and with every layer up to it."""
+    rows = [["layer", "dB", "alone", "cumulative", "step"]]
+    prev = float_metric
+    for s in steps:
+        rows.append([s.name, "inf" if not math.isfinite(s.sqnr_db) else f"{s.sqnr_db:.1f}", f"{s.alone:.2f}",
+                     f"{s.cumulative:.2f}", f"{s.cumulative - prev:+.2f}"])
+        prev = s.cumulative
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
+
+
 @click.command()
 @data_options
 @click.option("--model", "model_name", default=None,
@@ -35,10 +47,16 @@ def table(sens) -> str:
 @click.option("--eval-samples", type=click.IntRange(1), default=2000, show_default=True,
               help="Test samples for the network's accuracy (or agreement) with one layer quantized.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--artifact", type=click.Path(dir_okay=False), default=None,
+              help="A quantized model of this float model: also show where its accuracy goes, each of its layers put "
+                   "into the float model alone and cumulatively in forward order.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write a report into this folder: report.md, report.html and figures/ (heat maps of the SQNR "
+                   "and of the drop, layers by widths; the accuracy along the network with --artifact).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def analyze(data_name, data_dir, label_column, model_name, checkpoint, normalize, bits_text, per_channel, calib_samples,
-            eval_samples, seed, json_path, quiet):
+            eval_samples, seed, artifact, json_path, report_dir, quiet):
     """Which layer hurts: each quantizable layer quantized alone, at each width.
 
     Per layer and width: the layer's own output SQNR in dB on calibration inputs (nearest α/Q fit,
@@ -48,11 +66,12 @@ def analyze(data_name, data_dir, label_column, model_name, checkpoint, normalize
 
     \b
     Examples:
-      qexport analyze --checkpoint models/fashion-resnet20.safetensors --data fashion-mnist --per-channel
+      qexport analyze --checkpoint models/fashion-resnet20.safetensors --data fashion-mnist --per-channel --report sens/
       qexport analyze --checkpoint models/digits-mlp.safetensors --bits 4,2,1 --json sens.json
+      qexport analyze --checkpoint models/digits-mlp.safetensors --artifact m.qx.safetensors --per-channel
     """
-    from qadmm.sensitivity import sensitivity
     from qadmm.zoo import NAMES
+    from qexport import analyze_report
     from qexport import api
     from qexport.fileio import atomic_path, check_output_path
     from qexport.workflow import float_model, load_data
@@ -62,20 +81,35 @@ def analyze(data_name, data_dir, label_column, model_name, checkpoint, normalize
     if normalize not in (None, "none") and not user:
         raise UserError("--normalize is for your own model (--model module:factory): zoo models and qexport "
                         "checkpoints carry their own normalisation")
+    inputs = [checkpoint, data_file(data_name), factory_file(model_name), artifact]
     if json_path:
-        check_output_path(json_path, [checkpoint, data_file(data_name), factory_file(model_name)])
+        check_output_path(json_path, inputs)
+    if report_dir:
+        analyze_report.check_out_dir(report_dir, inputs)
+    art = api.load(artifact) if artifact else None
     data = load_data(data_name, data_dir, seed, label_column)
     model, name, _ = float_model(data, model_name, checkpoint, seed, None, 3e-3, 32, 30, not quiet, normalize)
     if user and normalize not in (None, "none"):
         model = api.with_normalization(model, api.normalization(normalize, data))
-    sens = sensitivity(model, data, bits, per_channel, calib_samples, eval_samples, seed, progress=not quiet)
+    result = api.analyze(model, data, bits, per_channel=per_channel, artifact=art, calib_samples=calib_samples,
+                         eval_samples=eval_samples, seed=seed, progress=not quiet)
+    sens = result.sensitivity
     click.echo(f"{name} on {data.name}: each layer quantized alone ({'per channel' if per_channel else 'per tensor'}); "
                f"float {sens.metric} {sens.float_metric:.2f} on {min(eval_samples, len(data.x_test))} test samples")
     click.echo(table(sens))
     for b in bits:
         worst = sens.ranking(b)[:3]
         click.echo(f"  most sensitive at {b} bits: {', '.join(worst)}")
+    if result.along is not None:
+        metric, float_metric, steps = result.along
+        click.echo(f"{artifact} along the network ({metric}; float {float_metric:.2f}, the quantized model itself "
+                   f"{result.quantized_metric:.2f}):")
+        click.echo(along_table(steps, float_metric))
     if json_path:
         with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json.dumps({"model": name, "data": data.name, **sens.to_json()}, indent=1))
+            Path(tmp).write_text(json.dumps({"model": name, "data": data.name, **result.to_json()}, indent=1))
         click.echo(f"wrote {json_path}")
+    if report_dir:
+        files = analyze_report.write(report_dir, f"{name} on {data.name}", sens, result.along, result.quantized_metric,
+                                     inputs=inputs)
+        click.echo(f"wrote {files.markdown}, {files.html} and {len(files.figures)} figures")

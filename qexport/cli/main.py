@@ -154,7 +154,17 @@ def parse_bytes(text: str) -> int:
 @click.option("--size-budget", default=None, metavar="BYTES",
               help="Mixed precision: choose a width per layer from --bit-choices so the quantized layers' codes and "
                    "scales fit in this many bytes (e.g. 60KB, 48KiB, 61440); the most sensitive layers get more bits.")
-@click.option("--bit-choices", default="8,4,2,1", show_default=True, help="Widths --size-budget may choose from.")
+@click.option("--avg-bits", type=float, default=None, metavar="BITS",
+              help="Mixed precision: at most this many code bits per weight on average (e.g. 2.5), instead of or "
+                   "besides --size-budget.")
+@click.option("--max-drop", type=float, default=None, metavar="POINTS",
+              help="Mixed precision: the smallest model (under --size-budget/--avg-bits, if given) whose accuracy on "
+                   "the validation split is at most this many points below the float model's (top-1 agreement without "
+                   "labels). Each try is one quantization; exit status 1 when no allowed model meets it.")
+@click.option("--bit-choices", default="8,4,2,1", show_default=True,
+              help="Widths --size-budget/--avg-bits/--max-drop may choose from.")
+@click.option("--allow-float", is_flag=True, help="Mixed precision may keep a layer float (4 B per weight).")
+@click.option("--max-steps", type=int, default=6, show_default=True, help="Quantizations a --max-drop search may run.")
 @normalize_option
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Method hyperparameter override (repeatable).")
 @click.option("--calib-samples", type=click.IntRange(1), default=2048, show_default=True,
@@ -172,7 +182,7 @@ def parse_bytes(text: str) -> int:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--list-methods", is_flag=True, help="List the back-ends and their hyperparameters, then exit.")
 def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, bits, scheme, per_channel, keep_first,
-             keep_last, layer_bits, exclude, size_budget, bit_choices, normalize, params, calib_samples, bn_reestimate, bias_correction, device, epochs,
+             keep_last, layer_bits, exclude, size_budget, avg_bits, max_drop, bit_choices, allow_float, max_steps, normalize, params, calib_samples, bn_reestimate, bias_correction, device, epochs,
              lr, batch_size, patience, seed, output, quiet, list_methods):
     """Quantize a float model's weights to integer codes and scales; write the artifact."""
     import dataclasses
@@ -182,7 +192,8 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     from qadmm.zoo import NAMES
     from qexport import api
     from qexport.checkpoint import card_path
-    from qexport.describe import describe_agreement, describe_preprocessing
+    from qexport.describe import describe_agreement, describe_mixed, describe_preprocessing
+    from qexport.mixed import Budget
     from qexport.fileio import check_output_path
 
     if list_methods:
@@ -193,7 +204,12 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
             click.echo(f"{name:10s} {summary}\n{'':10s} {fields}")
         return
     lbits = parse_layer_bits(layer_bits)
-    budget, choices = (parse_bytes(size_budget), parse_bits(bit_choices)) if size_budget is not None else (None, ())
+    budget = None
+    if size_budget is not None or avg_bits is not None or max_drop is not None:
+        budget = Budget(size_bytes=None if size_budget is None else parse_bytes(size_budget), avg_bits=avg_bits,
+                        max_drop=max_drop, bit_choices=tuple(parse_bits(bit_choices)), allow_float=allow_float,
+                        max_steps=max_steps)
+        budget.validate()
     spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
                      seed=seed, params=parse_params(params), progress=not quiet, calib_samples=calib_samples,
                      bn_reestimate=bn_reestimate, bias_correction=bias_correction, device=device, layer_bits=lbits,
@@ -215,7 +231,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
                        exclude=exclude, keep_first=keep_first, keep_last=keep_last, params=spec.params,
                        normalize=normalize if user and checkpoint else None, calib_samples=calib_samples,
                        bn_reestimate=bn_reestimate, bias_correction=bias_correction, seed=seed, device=device,
-                       progress=not quiet, model_name=name, source=source, size_budget=budget, bit_choices=choices)
+                       progress=not quiet, model_name=name, source=source, budget=budget)
     digest = art.save(out)
     m = art.meta
     acc = m["accuracy"]
@@ -224,13 +240,11 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     if acc["float_test"] is not None:
         click.echo(f"  float     test accuracy {acc['float_test']:6.2f}%")
         click.echo(f"  quantized test accuracy {acc['quantized_test']:6.2f}%   ({m['method']['seconds']:.1f} s)")
-    if "mixed_precision" in m:
-        mp = m["mixed_precision"]
-        widths = ", ".join(f"{n}={b}" for n, b in mp["chosen"].items())
-        click.echo(f"  mixed precision under {mp['size_budget']} B: {mp['bytes']} B of codes and scales ({widths})")
     else:  # unlabelled data: how close the quantized model's outputs are to the float model's
         click.echo(f"  agreement with the float model on the test inputs: {describe_agreement(m['agreement'])}"
                    f"   ({m['method']['seconds']:.1f} s)")
+    if "mixed_precision" in m:
+        click.echo(describe_mixed(m["mixed_precision"]))
     table = layer_table(m["history"])
     if table:
         click.echo(table)
@@ -244,6 +258,8 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
                 f"bias corrected ({', '.join(rc['bias_corrected']) or 'no layer qualified'})" if rc.get("bias_correction") else ""]
         click.echo(f"  {' and '.join(d for d in done if d)} on {rc['calib_samples']} training images")
     click.echo(f"wrote {out}  (sha256 {digest[:12]})")
+    if m.get("mixed_precision", {}).get("met") is False:
+        raise SystemExit(1)  # the artifact is written (the closest allowed model), but the target is not met
 
 
 def parse_layer_bits(text: str | None) -> dict[str, int]:

@@ -1,0 +1,150 @@
+"""Mixed precision under a budget: one width per layer, chosen from measured sensitivities, then proven.
+
+A `Budget` says how large the quantized layers may be (`size_bytes`, as `inspect` counts them: codes
+at N bits plus 4 B per scale; or `avg_bits`, code bits per weight) and how much may be lost
+(`max_drop`: points of accuracy, or of top-1 agreement with the float model without labels).
+`search` measures each layer's output SQNR at each allowed width once (`qadmm.sensitivity`, no
+network runs), allocates widths under the size limit (`qadmm.sensitivity.allocate`), quantizes with
+the request's back-end and measures. With `max_drop` it then looks for the smallest model that keeps
+the drop: the allocation at the size limit first (if it loses too much, no smaller one is tried and
+the result says the target was not met), then a bisection on the byte limit between the narrowest
+model and the last one that met it, at most `max_steps` quantizations in all. Every step is recorded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from qadmm.data import Dataset
+from qadmm.errors import UserError
+from qadmm.sensitivity import FLOAT, allocate, cost, sensitivity
+from qadmm.spec import QuantResult, QuantSpec
+from qadmm.train import agreement, predict
+
+
+@dataclass(frozen=True)
+class Budget:
+    size_bytes: int | None = None  # codes and scales of the quantized layers (fp32 weights of a layer kept float)
+    avg_bits: float | None = None  # code bits per weight over the quantizable layers (a float layer counts 32)
+    max_drop: float | None = None  # points of accuracy (or of top-1 agreement without labels) the search may lose
+    bit_choices: tuple[int, ...] = (8, 4, 2, 1)
+    allow_float: bool = False  # a layer may stay float (it then counts 4 B per weight)
+    max_steps: int = 6  # quantizations a --max-drop search may run
+
+    def validate(self) -> None:
+        if self.size_bytes is None and self.avg_bits is None and self.max_drop is None:
+            raise UserError("a budget needs a size (--size-budget or --avg-bits) or an accuracy (--max-drop)")
+        if self.size_bytes is not None and self.size_bytes <= 0:
+            raise UserError(f"--size-budget must be positive, got {self.size_bytes} B")
+        if self.avg_bits is not None and not 0 < self.avg_bits <= FLOAT:
+            raise UserError(f"--avg-bits must be in (0, {FLOAT}], got {self.avg_bits}")
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise UserError(f"--max-drop must be 0 or more (points), got {self.max_drop}")
+        if not self.bit_choices or not all(1 <= int(b) <= 8 for b in self.bit_choices):
+            raise UserError(f"bit choices {list(self.bit_choices)}: every width must be from 1 to 8")
+        if self.max_steps < 1:
+            raise UserError(f"--max-steps must be at least 1, got {self.max_steps}")
+
+
+@dataclass
+class Step:
+    bytes_limit: int
+    bytes: int
+    avg_bits: float
+    predicted_error: float  # Σ of the layers' relative output errors (the allocation's objective)
+    metric: float | None  # accuracy (or top-1 agreement) where the drop is measured; None without --max-drop
+    drop: float | None
+    met: bool | None
+
+
+def drop_measure(model: nn.Module, data: Dataset) -> tuple[str, Callable[[nn.Module], float], float]:
+    """(what is measured, metric(model), the float model's metric): accuracy on the validation split
+    (the test split when there is none), or top-1 agreement with the float model without labels.
+    The test split stays for the report: choosing on it would flatter the result."""
+    on_val = len(data.x_val) > 0
+    x = torch.as_tensor(np.asarray(data.x_val if on_val else data.x_test, np.float32))
+    split = f"{'validation' if on_val else 'test'} split ({len(x)} samples)"
+    ref = predict(model, x)
+    if data.labelled:
+        y = torch.as_tensor(np.asarray(data.y_val if on_val else data.y_test))
+        acc = lambda m: round(float((predict(m, x).argmax(1) == y).double().mean() * 100), 3)  # noqa: E731
+        return f"accuracy, {split}", acc, acc(model)
+    if ref.dim() != 2:
+        raise UserError("--max-drop measures accuracy (labelled data) or top-1 agreement (class scores): this model's "
+                        f"output {tuple(ref.shape[1:])} is neither; use --size-budget or --avg-bits alone")
+    return (f"top-1 agreement with the float model, {split}",
+            lambda m: float(agreement(ref, predict(m, x), True)["top1_agreement"]), 100.0)
+
+
+def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget,
+           run: Callable[[QuantSpec], QuantResult]) -> tuple[QuantResult, QuantSpec, dict]:
+    """The widths under `budget` (see the module), quantized by `run(spec)`: the result, its spec and the record."""
+    budget.validate()
+    if spec.layer_bits or spec.scheme not in (None, "binary", "symmetric"):
+        raise UserError("a budget chooses the widths itself: drop --layer-bits and --scheme")
+    choices = sorted({int(b) for b in budget.bit_choices}, reverse=True)
+    sens = sensitivity(model, data, choices, spec.per_channel, min(spec.calib_samples, 512), seed=spec.seed,
+                       progress=spec.progress, evaluate=False, spec=spec)
+    layers = sens.layers
+    params = sum(s.params for s in layers)
+    max_bits = None if budget.avg_bits is None else int(budget.avg_bits * params)
+    measured, metric, float_metric = drop_measure(model, data) if budget.max_drop is not None else (None, None, None)
+
+    def at(limit: int | None) -> dict[str, int]:
+        return allocate(layers, limit, max_bits, budget.allow_float)
+
+    def size(choice: dict[str, int]) -> tuple[int, int]:
+        return tuple(sum(cost(s, choice[s.name])[k] for s in layers) for k in (0, 1))  # type: ignore[return-value]
+
+    tried: dict[tuple, tuple[QuantResult, QuantSpec, Step, dict[str, int]]] = {}
+
+    def step(limit: int) -> tuple[QuantResult, QuantSpec, Step, dict[str, int]]:
+        choice = at(limit)
+        key = tuple(sorted(choice.items()))
+        if key not in tried:
+            widths = [b for b in choice.values() if b != FLOAT]
+            q = dataclasses.replace(spec, bits=max(widths, default=spec.bits), scheme=None,
+                                    layer_bits={n: b for n, b in choice.items() if b != FLOAT},
+                                    exclude=tuple(spec.exclude) + tuple(n for n, b in choice.items() if b == FLOAT))
+            result = run(q)
+            nbytes, nbits = size(choice)
+            eps = sum(10 ** (-s.sqnr_db[b] / 10) for s in layers if (b := choice[s.name]) != FLOAT and math.isfinite(s.sqnr_db[b]))
+            m = drop = met = None
+            if metric is not None:
+                m = metric(result.model)
+                drop = round(float_metric - m, 3)
+                met = drop <= budget.max_drop
+            tried[key] = (result, q, Step(limit, nbytes, round(nbits / max(params, 1), 3), eps, m, drop, met), choice)
+        return tried[key]
+
+    top = budget.size_bytes if budget.size_bytes is not None else size(at(None))[0]
+    best = step(top)
+    if budget.max_drop is not None and best[2].met:  # bisect the byte limit for the smallest model that still meets it
+        lo, hi = size({s.name: min(s.bytes) for s in layers})[0], best[2].bytes
+        while len(tried) < budget.max_steps and lo < hi and at(lo) != at(hi):
+            mid = (lo + hi) // 2
+            candidate = step(mid)
+            if candidate[2].met:
+                best, hi = candidate, min(candidate[2].bytes, mid)
+            else:
+                lo = mid + 1
+    result, qspec, chosen, choice = best
+    record = {
+        "size_budget": budget.size_bytes, "avg_bits_budget": budget.avg_bits, "max_drop": budget.max_drop,
+        "bit_choices": choices, "allow_float": budget.allow_float,
+        "allocation": "greedy multiple-choice knapsack on the layers' relative output errors (qadmm.sensitivity.allocate)"
+                      + ("; then a bisection on the byte limit for the smallest model within --max-drop" if budget.max_drop is not None else ""),
+        "chosen": {n: b for n, b in choice.items() if b != FLOAT}, "kept_float": [n for n, b in choice.items() if b == FLOAT],
+        "bytes": chosen.bytes, "avg_bits": chosen.avg_bits, "predicted_sum_rel_output_error": chosen.predicted_error,
+        "sqnr_db": {s.name: {str(b): v for b, v in s.sqnr_db.items()} for s in layers},
+        "steps": [dataclasses.asdict(t[2]) for t in tried.values()],
+    }
+    if budget.max_drop is not None:
+        record.update(drop_measured_on=measured, float_metric=float_metric, drop=chosen.drop, met=bool(chosen.met))
+    return result, qspec, record
