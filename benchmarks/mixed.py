@@ -1,6 +1,6 @@
 """Mixed precision under a size budget against uniform widths: accuracy vs weight bytes.
 
-For each shipped model (models/) and method: uniform 8/4/3/2/1 bits, then `--size-budget` at five
+For each shipped model (models/, the zoo's MobileNetV2 included) and method: uniform 8/4/3/2/1 bits, then `--size-budget` at five
 budgets between them (the midpoints of consecutive uniform sizes, about 6, 3.5, 2.5 and 1.5 bits on
 average, and about 2.25 bits), bit choices 8,4,3,2,1, per channel. Bytes are the quantized layers' codes and scales (as
 `inspect` counts them); accuracy is on the whole test set (float activations). One JSON line per
@@ -19,7 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = {"digits-mlp": "digits", "fashion-cnn-small": "fashion-mnist", "fashion-resnet20": "fashion-mnist"}
+# shipped checkpoint -> (dataset, model factory: None for qexport's own checkpoints, input normalisation)
+MODELS = {"digits-mlp": ("digits", None, None), "fashion-cnn-small": ("fashion-mnist", None, None),
+          "fashion-resnet20": ("fashion-mnist", None, None),
+          "fashion-mobilenet_v2": ("fashion-mnist", str(ROOT / "benchmarks" / "zoo_models.py") + ":fashion_mobilenet_v2",
+                                   (0.0, 255.0))}  # trained on raw pixels / 255 (models/README.md)
 CHOICES = (8, 4, 3, 2, 1)
 
 
@@ -27,10 +31,12 @@ def weight_bytes(art) -> int:
     return sum(-(-lc.q.numel() * lc.codes.storage_bits // 8) + 4 * lc.alpha.numel() for lc in art.layers.values())
 
 
-def run(model, data, method: str, bits: int, budget: int | None) -> dict:
+def run(model, data, method: str, bits: int, budget: int | None, normalize=None) -> dict:
     from qexport import api
+    from qexport.mixed import Budget
 
-    art = api.quantize(model, data, method, bits, per_channel=True, size_budget=budget, bit_choices=CHOICES)
+    art = api.quantize(model, data, method, bits, per_channel=True, normalize=normalize,
+                       budget=None if budget is None else Budget(size_bytes=budget, bit_choices=CHOICES))
     acc = art.meta["accuracy"]
     return {"bits": bits if budget is None else None, "budget": budget, "bytes": weight_bytes(art),
             "accuracy": acc["quantized_test"], "float": acc["float_test"],
@@ -64,15 +70,16 @@ def main() -> None:
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for name in args.models.split(","):
-            data = load_data(MODELS[name], None, 0, None)
-            model, _, _ = float_model(data, None, str(ROOT / "models" / f"{name}.safetensors"), 0, None, 3e-3, 32, 30, False)
+            data_name, factory, normalize = MODELS[name]
+            data = load_data(data_name, None, 0, None)
+            model, _, _ = float_model(data, factory, str(ROOT / "models" / f"{name}.safetensors"), 0, None, 3e-3, 32, 30, False)
             params = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight") and m.weight is not None
                          and m.weight.dim() > 1)
             for method in args.methods.split(","):
                 key = dict(model=name, method=method, params=params)
                 uniform = {}
                 for bits in CHOICES:
-                    r = {**key, **run(model, data, method, bits, None)}
+                    r = {**key, **run(model, data, method, bits, None, normalize)}
                     uniform[bits] = r["bytes"]
                     print(json.dumps(r), file=sys.stderr, flush=True)
                     done.append(r)
@@ -81,7 +88,7 @@ def main() -> None:
                 pairs = list(zip(CHOICES, CHOICES[1:]))  # midpoints: about 6, 3.5, 2.5 and 1.5 bits, and about 2.25
                 budgets = [(uniform[a] + uniform[b]) // 2 for a, b in pairs] + [int(uniform[2] * 1.125)]
                 for budget in budgets:
-                    r = {**key, **run(model, data, method, 8, budget)}
+                    r = {**key, **run(model, data, method, 8, budget, normalize)}
                     print(json.dumps(r), file=sys.stderr, flush=True)
                     done.append(r)
                     with args.out.open("a") as f:

@@ -19,7 +19,10 @@ from qexport.report import Block, Image, ReportFiles, Table, check_out_dir, png_
 
 
 def _num(v: float, fmt: str = ".1f") -> str:
-    return "inf" if not math.isfinite(v) else format(v, fmt)
+    if not math.isfinite(v):
+        return "inf"
+    text = format(v, fmt)
+    return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # "-0.0" (a tiny negative) reads 0.0
 
 
 def _heat(rows: list[str], cols: list[str], values: list[list[float]], title: str, label: str, cmap: str) -> bytes:

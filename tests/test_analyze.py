@@ -109,3 +109,37 @@ def test_max_drop_finds_a_smaller_model_that_meets_it_and_says_when_none_can(tmp
                    "-q", "-o", str(out)], code=1)
     assert "max drop 0.01 NOT met" in msg and out.exists()
     assert load_artifact(out).meta["mixed_precision"]["met"] is False
+
+
+def test_analyze_an_artifact_shows_where_the_accuracy_goes_and_writes_a_report(tmp_path, digits):
+    import qexport
+
+    ckpt, art = tmp_path / "m.safetensors", tmp_path / "m.qx.safetensors"
+    run_cli(["train", "--epochs", "4", "-q", "-o", str(ckpt)])
+    run_cli(["quantize", "--checkpoint", str(ckpt), "--method", "ptq", "--bits", "1", "--per-channel", "-q", "-o", str(art)])
+    report = tmp_path / "report"
+    out = run_cli(["analyze", "--checkpoint", str(ckpt), "--artifact", str(art), "--bits", "2,1", "--per-channel", "-q",
+                   "--json", str(tmp_path / "a.json"), "--report", str(report)])
+    assert "along the network" in out and "cumulative" in out
+    rec = json.loads((tmp_path / "a.json").read_text())["along"]
+    assert [s["name"] for s in rec["layers"]] == ["body.1", "body.3", "body.5"]
+    # every layer replaced: the artifact's weights in the float model give the artifact's accuracy
+    # (ptq leaves no BatchNorm to re-estimate and no bias to correct in this MLP)
+    assert rec["layers"][-1]["cumulative"] == rec["quantized_metric"] < rec["float_metric"]
+    # the artifact at 1 bit is the same as quantizing each layer alone at 1 bit (ptq is the nearest fit)
+    alone = {s["name"]: s["metric"]["1"] for s in json.loads((tmp_path / "a.json").read_text())["layers"]}
+    assert {s["name"]: s["alone"] for s in rec["layers"]} == alone
+    md = (report / "report.md").read_text()
+    assert "## Along the network" in md and "![" in md and (report / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in (report / "figures").iterdir()) == ["along.png", "drop.png", "sqnr.png"]
+    first = (report / "figures" / "sqnr.png").read_bytes()
+    run_cli(["analyze", "--checkpoint", str(ckpt), "--artifact", str(art), "--bits", "2,1", "--per-channel", "-q",
+             "--report", str(report)])
+    assert (report / "figures" / "sqnr.png").read_bytes() == first  # the same analysis, the same bytes
+    # the Python API gives the same numbers
+    from qexport.checkpoint import load_checkpoint
+    model = load_checkpoint(ckpt)[0]
+    res = qexport.analyze(model, digits, (2, 1), per_channel=True, artifact=qexport.load(art))
+    assert res.to_json()["along"] == rec
+    msg = run_cli(["analyze", "--checkpoint", str(ckpt), "--report", str(ckpt)], code=2)
+    assert "is a file" in msg and "Traceback" not in msg
