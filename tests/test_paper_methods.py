@@ -122,13 +122,13 @@ def test_schedules_run_over_steps_so_one_epoch_still_anneals(digits, digits_mlp)
     ρ and a 1-epoch CNN run lost 66 points to the hard rounding: docs/paper-methods.md)."""
     import copy
 
-    from qadmm.finetune import Projector, finetune, run_steps
+    from qadmm.finetune import Hooks, Projector, finetune, run_steps
 
     seen = []
     model = copy.deepcopy(digits_mlp)
     spec = QuantSpec(bits=2, progress=False)
     finetune(model, digits, spec, Projector(model, spec), epochs=2, lr=1e-3, batch_size=32, desc="t",
-             after_step=seen.append)
+             hooks=Hooks(after_step=seen.append))
     assert len(seen) == run_steps(len(digits.x_train), 2, 32)
     assert seen == sorted(seen) and seen[-1] == 1.0 and seen[0] == 1 / len(seen)
     admm = methods.quantize("admm-q", digits_mlp, digits, QuantSpec(bits=2, params={"epochs": 1}, progress=False))

@@ -10,15 +10,14 @@ projection (ADMM-R, `random` = p in (0, 1]) re-projects each entry with probabil
 others at their previous value. The final codes are the hard projection through `codes.fit`."""
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.finetune import Projector, finetune
+from qadmm.finetune import Hooks, Projector, train
 from qadmm.spec import QuantResult, QuantSpec
 
 
@@ -61,11 +60,8 @@ def random_step(old: torch.Tensor, new: torch.Tensor, p: float, gen: torch.Gener
     return torch.where(mask, new, old)
 
 
-def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
-    p = spec.resolve(Params)
-    model = copy.deepcopy(model).to(spec.device)
-    proj = Projector(model, spec)
-    weights = {n: m.weight for n, m in model.named_modules() if n in proj.names}
+def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hooks:
+    weights = proj.weights
     G = {n: lc.weight() for n, lc in proj().items()}
     lam = {n: torch.zeros_like(w) for n, w in weights.items()}
     rho, done = [p.rho], [0]
@@ -93,6 +89,8 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
                 lam[n] += rho[0] * (weights[n] - G[n])  # dual step
         rho[0] *= growth  # the W-steps until the next update
 
-    qm, layers, history = finetune(model, data, spec, proj, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-                                   desc="admm-q", loss_extra=penalty, after_step=after_step)
-    return QuantResult(qm, layers, "admm-q", {**asdict(p), "final_rho": p.rho * growth ** (done[0] - 1)}, history)
+    return Hooks(loss_extra=penalty, after_step=after_step, summary=lambda: {"final_rho": p.rho * growth ** (done[0] - 1)})
+
+
+def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
+    return train("admm-q", hooks, Params, model, data, spec)

@@ -12,16 +12,14 @@ stays at its start value for `constant_share` of the run's steps, then shrinks g
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.finetune import Projector, finetune
+from qadmm.finetune import Hooks, Projector, train
 from qadmm.spec import QuantResult, QuantSpec
 
 
@@ -65,14 +63,11 @@ def direction(u: torch.Tensor, grad: torch.Tensor, levels: torch.Tensor, eps: fl
     return torch.where(keep, -grad, k)
 
 
-def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
-    p = spec.resolve(Params)
-    model = copy.deepcopy(model).to(spec.device)
-    proj = Projector(model, spec)
-    modules = dict(model.named_modules())
+def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hooks:
+    weights = proj.weights
     scale, levels, u, eps_max = {}, {}, {}, {}
     for n in proj.names:
-        w, a = modules[n].weight, proj.alphas[n]
+        w, a = weights[n], proj.alphas[n]
         scale[n] = a.reshape(-1, *([1] * (w.dim() - 1))) if a.dim() == 1 else a
         levels[n] = torch.tensor(proj.codes[n].levels, dtype=torch.float32, device=w.device)
         eps_max[n] = float(((levels[n][1] - levels[n][0]) / 2) ** 4)  # g's largest value between two levels
@@ -84,11 +79,6 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
             return p.eps0
         return p.eps0 * (p.eps_end / p.eps0) ** ((t - p.constant_share) / (1 - p.constant_share))
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        params = dict(model.named_parameters())
-        params.update({f"{n}.weight": scale[n] * u[n] for n in proj.names})
-        return functional_call(model, (params, dict(model.named_buffers())), (x,))
-
     def before_step(t: float) -> None:  # the skewed direction replaces the gradient (the optimiser steps along −grad)
         for n in proj.names:
             d = direction(u[n].detach(), u[n].grad, levels[n], eps(t) * eps_max[n], p.rate, clip=0.25 / p.grid_lr)
@@ -98,12 +88,16 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
         with torch.no_grad():
             for n in proj.names:
                 u[n].clamp_(levels[n][0], levels[n][-1])
-                modules[n].weight.copy_(scale[n] * u[n])
+                weights[n].copy_(scale[n] * u[n])
 
-    qm, layers, history = finetune(model, data, spec, proj, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-                                   desc="askewsgd", forward=forward, before_step=before_step, after_step=after_step,
-                                   extra=list(u.values()), extra_lr=p.grid_lr)
-    feasible = sum(int((eps(1.0) * eps_max[n] - (u[n] - a) ** 2 * (u[n] - b) ** 2 >= 0).sum())
-                   for n in proj.names for a, b in [neighbours(u[n].detach(), levels[n])])
-    history.append({"feasible_fraction_at_end": feasible / sum(x.numel() for x in u.values())})
-    return QuantResult(qm, layers, "askewsgd", asdict(p), history)
+    def report() -> dict:
+        feasible = sum(int((eps(1.0) * eps_max[n] - (u[n] - a) ** 2 * (u[n] - b) ** 2 >= 0).sum())
+                       for n in proj.names for a, b in [neighbours(u[n].detach(), levels[n])])
+        return {"feasible_fraction_at_end": feasible / sum(x.numel() for x in u.values())}
+
+    return Hooks(weight=lambda n, w: scale[n] * u[n], before_step=before_step, after_step=after_step,
+                 extra=list(u.values()), extra_lr=p.grid_lr, report=report)
+
+
+def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
+    return train("askewsgd", hooks, Params, model, data, spec)

@@ -18,17 +18,16 @@ paper, chosen for a toolkit that warm-starts and exports integer codes:
 """
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.finetune import Projector, finetune
+from qadmm.finetune import Hooks, Projector, train
 from qadmm.spec import QuantResult, QuantSpec
 
 
@@ -108,29 +107,25 @@ class Mirror:
         return self.alpha * f(self.u, self.levels, beta)
 
 
-def run(kind: str, name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
-    p = spec.resolve(Params)
-    model = copy.deepcopy(model).to(spec.device)
-    proj = Projector(model, spec)
-    modules = dict(model.named_modules())
-    mirrors = {n: Mirror(kind, modules[n].weight, proj.alphas[n], proj.codes[n], p.beta0) for n in proj.names}
+def hooks(kind: str, model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hooks:
+    weights = proj.weights
+    mirrors = {n: Mirror(kind, weights[n], proj.alphas[n], proj.codes[n], p.beta0) for n in proj.names}
     for n in proj.names:
-        modules[n].weight.requires_grad_(False)
+        weights[n].requires_grad_(False)
     beta = [p.beta0]
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        params = dict(model.named_parameters())
-        params.update({f"{n}.weight": m.weight(beta[0]) for n, m in mirrors.items()})
-        return functional_call(model, (params, dict(model.named_buffers())), (x,))
-
-    def after_step(t: float) -> None:  # β grows geometrically to beta_end at the last step; the module weights follow α·P_β(ũ)
+    def after_step(t: float) -> None:  # β grows geometrically to beta_end at the last step; the weights follow α·P_β(ũ)
         beta[0] = p.beta0 * (p.beta_end / p.beta0) ** t
-        for n, m in mirrors.items():
-            modules[n].weight.copy_(m.soft(beta[0]))
+        with torch.no_grad():
+            for n, m in mirrors.items():
+                weights[n].copy_(m.soft(beta[0]))
 
-    for n, m in mirrors.items():  # the warm start, as P_β0 reproduces it
-        modules[n].weight.copy_(m.soft(p.beta0))
-    qm, layers, history = finetune(model, data, spec, proj, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-                                   desc=name, forward=forward, after_step=after_step,
-                                   extra=[m.u for m in mirrors.values()])
-    return QuantResult(qm, layers, name, {**asdict(p), "final_beta": beta[0]}, history)
+    with torch.no_grad():
+        for n, m in mirrors.items():  # the warm start, as P_β0 reproduces it
+            weights[n].copy_(m.soft(p.beta0))
+    return Hooks(weight=lambda n, w: mirrors[n].weight(beta[0]), after_step=after_step,
+                 extra=[m.u for m in mirrors.values()], summary=lambda: {"final_beta": beta[0]})
+
+
+def run(kind: str, name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
+    return train(name, partial(hooks, kind), Params, model, data, spec)

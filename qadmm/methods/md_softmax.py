@@ -6,10 +6,16 @@ from __future__ import annotations
 from torch import nn
 
 from qadmm.data import Dataset
+from qadmm.finetune import Hooks, Projector
+from qadmm.methods import md
 from qadmm.methods.md import RECALIBRATE, Params, run
 from qadmm.spec import QuantResult, QuantSpec
 
-__all__ = ["Params", "RECALIBRATE", "quantize"]
+__all__ = ["Params", "RECALIBRATE", "hooks", "quantize"]
+
+
+def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hooks:
+    return md.hooks("softmax", model, spec, p, proj)
 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:

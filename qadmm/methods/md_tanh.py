@@ -5,10 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from qadmm.data import Dataset
+from qadmm.finetune import Hooks, Projector
+from qadmm.methods import md
 from qadmm.methods.md import RECALIBRATE, Params, run
 from qadmm.spec import QuantResult, QuantSpec
 
-__all__ = ["Params", "RECALIBRATE", "quantize"]
+__all__ = ["Params", "RECALIBRATE", "hooks", "quantize"]
+
+
+def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hooks:
+    return md.hooks("tanh", model, spec, p, proj)
 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:

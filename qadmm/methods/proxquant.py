@@ -5,15 +5,14 @@ hard-quantized and frozen and the float rest (biases, BatchNorm) keeps training 
 Per step, not per epoch: a 1-epoch budget froze at its very end, leaving BatchNorm no steps to adapt."""
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qadmm.data import Dataset
-from qadmm.finetune import Projector, finetune
-from qadmm.spec import QuantResult, QuantSpec, apply_codes
+from qadmm.finetune import Hooks, Projector, train
+from qadmm.spec import QuantResult, QuantSpec
 
 
 RECALIBRATE = True  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
@@ -31,18 +30,17 @@ class Params:
     freeze_at: float = 0.67  # share of the steps after which the codes are frozen
 
 
-def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
-    p = spec.resolve(Params)
-    model = copy.deepcopy(model).to(spec.device)
-    proj = Projector(model, spec)
-    weights = {n: m.weight for n, m in model.named_modules() if n in proj.names}
+def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hooks:
+    weights = proj.weights
     frozen = [False]
 
     def after_step(t: float) -> None:
         if frozen[0]:
             return
         if t >= p.freeze_at:  # hard-quantize and freeze; the float rest keeps training
-            apply_codes(model, proj())
+            with torch.no_grad():
+                for n, lc in proj().items():
+                    weights[n].copy_(lc.weight())
             for w in weights.values():
                 w.requires_grad_(False)
             frozen[0] = True
@@ -52,6 +50,8 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
             for n, lc in proj().items():  # prox of the quadratic distance to the projection
                 weights[n].copy_((weights[n] + tau * lc.weight()) / (1 + tau))
 
-    qm, layers, history = finetune(model, data, spec, proj, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-                                   desc="proxquant", after_step=after_step)
-    return QuantResult(qm, layers, "proxquant", asdict(p), history)
+    return Hooks(after_step=after_step)
+
+
+def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
+    return train("proxquant", hooks, Params, model, data, spec)

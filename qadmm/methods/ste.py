@@ -4,15 +4,13 @@ identity, so the float shadow weights W keep learning. α is refitted from W eve
 alternating fit, thesis Algorithm 4); the epoch whose quantized model is best on validation is kept."""
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from qadmm.data import Dataset
-from qadmm.finetune import Projector, finetune
+from qadmm.finetune import Hooks, Projector, train
 from qadmm.spec import QuantResult, QuantSpec
 
 
@@ -28,18 +26,12 @@ class Params:
     batch_size: int = 32
 
 
+def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hooks:
+    def weight(n: str, w: torch.Tensor) -> torch.Tensor:
+        return w + (proj.one(n, w).weight() - w).detach()  # straight-through: d(W_q)/dW := I
+
+    return Hooks(weight=weight)
+
+
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
-    p = spec.resolve(Params)
-    model = copy.deepcopy(model).to(spec.device)
-    proj = Projector(model, spec)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        params = dict(model.named_parameters())
-        for n, lc in proj().items():
-            w = params[f"{n}.weight"]
-            params[f"{n}.weight"] = w + (lc.weight() - w).detach()  # straight-through: d(W_q)/dW := I
-        return functional_call(model, (params, dict(model.named_buffers())), (x,))
-
-    qm, layers, history = finetune(model, data, spec, proj, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-                                   desc="ste", forward=forward)
-    return QuantResult(qm, layers, "ste", asdict(p), history)
+    return train("ste", hooks, Params, model, data, spec)
