@@ -82,7 +82,7 @@ class Hooks:
     loss_extra: Callable[[], torch.Tensor] | None = None  # added to the task loss
     before_step: StepHook | None = None  # after backward, before the step: may rewrite gradients
     after_step: StepHook | None = None  # after each step: projections, schedules
-    extra: list[torch.Tensor] = field(default_factory=list)  # the method's own trainable tensors
+    extra: dict[str, nn.Parameter] = field(default_factory=dict)  # the method's own trainable tensor per layer
     extra_lr: float | None = None  # their learning rate (None: the optimiser's)
     summary: Callable[[], dict] = dict  # values for the result's params at the end (e.g. the final β)
     report: Callable[[], dict] = dict  # a row for the history at the end (e.g. AskewSGD's feasible share)
@@ -147,7 +147,7 @@ def finetune(model: nn.Module, data: Dataset, spec: QuantSpec, proj: Projector, 
     gen = seed_everything(spec.seed)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if hooks.extra:
-        groups.append({"params": list(hooks.extra), "lr": hooks.extra_lr or lr})
+        groups.append({"params": list(hooks.extra.values()), "lr": hooks.extra_lr or lr})
     opt = torch.optim.Adam(groups, lr=lr)
     x, y = (torch.as_tensor(a).to(device_of(model)) for a in (data.x_train, data.y_train))
     forward = hooks.forward(model, proj.names)

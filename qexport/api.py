@@ -121,12 +121,7 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     pre = normalization(normalize, data)
     model = with_normalization(copy.deepcopy(model), pre).eval()
     graph = trace(model, data.input_shape)  # refuses unsupported ops now, not after minutes of work
-    out_shape = graph.shapes.get(OUTPUT, [])
-    classifier = data.labelled
-    if classifier and (len(out_shape) != 1 or out_shape[0] < data.num_classes):
-        raise UserError(f"the model outputs {tuple(out_shape)} per sample, but dataset {data.name!r} has labels 0..{data.num_classes - 1}: "
-                        "labelled data needs one score per class; for another output (embeddings, maps, a backbone) "
-                        "give unlabelled inputs (an .npz with just x, or arrays x)")
+    _check_output(graph, data)
     if not data.labelled and not methods.calibration_only(method):
         raise UserError(f"method {method!r} trains on labels, and dataset {data.name!r} has none: use ptq, gptq or ldnq, "
                         "which need only inputs")
@@ -134,7 +129,6 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     if pre["type"] == "none" and first.kind == "normalize" and first.inputs == ["input"]:  # a zoo model's own
         pre = {"type": "standardize", "mean": first.module.mean.tolist(), "std": first.module.std.tolist(),
                "fitted_on": "inside the model (train split)"}
-    float_acc = accuracy(model, data.x_test, data.y_test) if classifier else None
     t0 = time.perf_counter()
     # a torch.export capture is quantized as the graph (every layer a module call, in forward order); so is any
     # capture by a calibration-only back-end, whose layer walk then runs the images through once, not once per layer
@@ -146,11 +140,21 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     else:
         result = methods.quantize(method, work, data, spec)
     seconds = time.perf_counter() - t0
+    return _artifact(model, graph, data, method, spec, result, seconds, pre, model_name, source,
+                     {"mixed_precision": mixed} if mixed else {})
+
+
+def _artifact(model: nn.Module, graph, data: Dataset, method: str, spec: QuantSpec, result, seconds: float, pre: dict,
+              model_name: str | None, source: dict | None, extra: dict) -> Artifact:
+    """The artifact of `result` (quantized from the float `model`, captured as `graph`): the one place
+    its metadata is built (what produced it, how well it does against the float model)."""
+    out_shape = graph.shapes.get(OUTPUT, [])
+    classifier = data.labelled
+    float_acc = accuracy(model, data.x_test, data.y_test) if classifier else None
     q_acc = accuracy(result.model, data.x_test, data.y_test) if classifier else None
     with torch.no_grad():
         x_test = torch.as_tensor(data.x_test)
         agree = agreement(predict(model, x_test), predict(result.model, x_test), classifier and len(out_shape) == 1)
-    codes = spec.codes
     meta = {
         "architecture": {"model": model_name or type(model).__name__, "input_shape": list(data.input_shape),
                          **({"num_classes": out_shape[0]} if classifier else {}), "output_shape": list(out_shape),
@@ -159,20 +163,76 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
         "dataset": data.describe(),
         "float_training": source or {},
         "method": {"name": method, "params": result.params, "seconds": round(seconds, 2)},
-        "spec": {"bits": spec.bits, "scheme": codes.scheme, "per_channel": per_channel, "keep_first": keep_first,
-                 "keep_last": keep_last, "layer_bits": spec.layer_bits, "exclude": list(spec.exclude), "seed": seed,
-                 "calib_samples": calib_samples, "bn_reestimate": bn_reestimate, "bias_correction": bias_correction,
-                 "device": device},
+        "spec": {"bits": spec.bits, "scheme": spec.codes.scheme, "per_channel": spec.per_channel, "keep_first": spec.keep_first,
+                 "keep_last": spec.keep_last, "layer_bits": spec.layer_bits, "exclude": list(spec.exclude), "seed": spec.seed,
+                 "calib_samples": spec.calib_samples, "bn_reestimate": spec.bn_reestimate,
+                 "bias_correction": spec.bias_correction, "device": spec.device},
         "recalibration": result.recalibration,
         "history": result.history,
         "accuracy": {"float_test": float_acc, "quantized_test": q_acc,
                      "quantized_val": accuracy(result.model, data.x_val, data.y_val) if classifier else None},
         "agreement": agree,
-        **({"mixed_precision": mixed} if mixed else {}),
+        **extra,
         "versions": versions(),
         "command": "qexport " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "qexport" else "python API",
     }
     return Artifact.create(result.model, result.layers, meta, graph)
+
+
+def _check_output(graph, data: Dataset) -> None:
+    out_shape = graph.shapes.get(OUTPUT, [])
+    if data.labelled and (len(out_shape) != 1 or out_shape[0] < data.num_classes):
+        raise UserError(f"the model outputs {tuple(out_shape)} per sample, but dataset {data.name!r} has labels 0..{data.num_classes - 1}: "
+                        "labelled data needs one score per class; for another output (embeddings, maps, a backbone) "
+                        "give unlabelled inputs (an .npz with just x, or arrays x)")
+
+
+def prepare(model: nn.Module, method: str, bits: int = 4, *, steps: int, input_shape: Sequence[int], scheme: str | None = None,
+            per_channel: bool = False, layer_bits: dict[str, int] | None = None, exclude: Sequence[str] = (),
+            keep_first: bool = False, keep_last: bool = False, params: Any = None, seed: int = 0) -> nn.Module:
+    """Quantization-aware training in your own loop (`qadmm.qat`): `model`, in place, with its layers
+    wrapped for `method` (ste, admm-q, proxquant, md-tanh, md-softmax, askewsgd) over `steps` optimiser
+    steps. The model is captured first (`input_shape`, one sample's), so what qexport cannot export is
+    refused before you train. Then `qexport.optimizer(model, your_optimizer)`, your loop, and
+    `qexport.convert(model, data)`."""
+    from qadmm import qat
+
+    if params is not None and dataclasses.is_dataclass(params):
+        params = dataclasses.asdict(params)
+    spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
+                     seed=seed, params=dict(params or {}), progress=False, layer_bits=dict(layer_bits or {}),
+                     exclude=tuple(exclude))
+    methods.check(method, spec)
+    qat.check_unprepared(model)
+    was_training = model.training
+    trace(model.eval(), tuple(input_shape))  # refuses what cannot be exported now, not after training
+    model.train(was_training)
+    return qat.prepare(model, method, spec, steps)
+
+
+def optimizer(model: nn.Module, opt: torch.optim.Optimizer):
+    """Your optimiser, built over `model.parameters()` after `prepare`, with the method's steps hooked
+    around each `step()` (schedules, projections, ADMM-Q's penalty gradient); the same object."""
+    from qadmm import qat
+
+    return qat.optimizer(model, opt)
+
+
+def convert(model: nn.Module, data: Any, *, calib_samples: int = 2048, model_name: str | None = None) -> Artifact:
+    """The artifact of a model trained after `prepare` (in place it becomes a plain float model again):
+    its weights projected onto the codes, BatchNorm re-estimated as the method asks, on `data`
+    (a Dataset or arrays, as `quantize` takes them; its test split measures the result)."""
+    from qadmm import qat
+
+    float_model, result, st = qat.convert(model)
+    data = as_dataset(data, st.spec.seed)
+    spec = dataclasses.replace(st.spec, calib_samples=calib_samples)
+    float_model, result.model = float_model.cpu().eval(), result.model.cpu()
+    graph = trace(float_model, data.input_shape)
+    _check_output(graph, data)
+    result = methods.finish(st.method, float_model, result, data, spec)
+    return _artifact(float_model, graph, data, st.method, spec, result, 0.0, {"type": "none"}, model_name, None,
+                     {"training_loop": "the user's (qexport.prepare / optimizer / convert)"})
 
 
 @dataclass

@@ -69,8 +69,12 @@ def check(name: str, spec: QuantSpec) -> None:
 def quantize(name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     """Run back-end `name` on a trained float model, then the recalibration it asks for (see above)."""
     check(name, spec)
+    return finish(name, model, get_method(name).quantize(model, data, spec), data, spec)
+
+
+def finish(name: str, model: nn.Module, result: QuantResult, data: Dataset, spec: QuantSpec) -> QuantResult:
+    """A back-end's result on the CPU, recalibrated as the method asks (see above); `model` is the float one."""
     mod = get_method(name)
-    result = mod.quantize(model, data, spec)
     result.model.cpu()  # a back-end may have run on spec.device; results live on the CPU
     for lc in result.layers.values():
         lc.q, lc.alpha = lc.q.cpu(), lc.alpha.cpu()

@@ -71,7 +71,7 @@ def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hook
         scale[n] = a.reshape(-1, *([1] * (w.dim() - 1))) if a.dim() == 1 else a
         levels[n] = torch.tensor(proj.codes[n].levels, dtype=torch.float32, device=w.device)
         eps_max[n] = float(((levels[n][1] - levels[n][0]) / 2) ** 4)  # g's largest value between two levels
-        u[n] = (w.detach() / scale[n]).clamp(levels[n][0], levels[n][-1]).requires_grad_(True)
+        u[n] = nn.Parameter((w.detach() / scale[n]).clamp(levels[n][0], levels[n][-1]))  # in grid units
         w.requires_grad_(False)
 
     def eps(t: float) -> float:  # ε share at run share t: constant, then geometric to eps_end at the last step
@@ -96,7 +96,7 @@ def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hook
         return {"feasible_fraction_at_end": feasible / sum(x.numel() for x in u.values())}
 
     return Hooks(weight=lambda n, w: scale[n] * u[n], before_step=before_step, after_step=after_step,
-                 extra=list(u.values()), extra_lr=p.grid_lr, report=report)
+                 extra=u, extra_lr=p.grid_lr, report=report)
 
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:

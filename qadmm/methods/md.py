@@ -89,7 +89,7 @@ class Mirror:
             u = (lo + hi) / 2
         else:  # mass on the levels nearest x: the argmax is x's nearest level, as rounding would pick
             u = -((x.unsqueeze(-1) - self.levels) ** 2)
-        self.u = u.clone().requires_grad_(True)
+        self.u = nn.Parameter(u.clone())  # a parameter: an optimiser over the model's (`qadmm.qat`) finds it
 
     def weight(self, beta: float) -> torch.Tensor:
         """α·P_β(ũ) with ∂/∂ũ := ∂/∂P (tanh) or ∂/∂u = ∂/∂P·q_λ (softmax): the "-S" update."""
@@ -124,7 +124,7 @@ def hooks(kind: str, model: nn.Module, spec: QuantSpec, p: Params, proj: Project
         for n, m in mirrors.items():  # the warm start, as P_β0 reproduces it
             weights[n].copy_(m.soft(p.beta0))
     return Hooks(weight=lambda n, w: mirrors[n].weight(beta[0]), after_step=after_step,
-                 extra=[m.u for m in mirrors.values()], summary=lambda: {"final_beta": beta[0]})
+                 extra={n: m.u for n, m in mirrors.items()}, summary=lambda: {"final_beta": beta[0]})
 
 
 def run(kind: str, name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
