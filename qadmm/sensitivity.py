@@ -10,6 +10,7 @@ is the first to keep at more bits.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from qadmm.data import Dataset
 from qadmm.layer_inputs import input_hessian, weight_matrix
 from qadmm.layers import select_layers
 from qadmm.layerwise import output_error
+from qadmm.recalibrate import batchnorms, reestimate_bn
 from qadmm.spec import QuantSpec
 from qadmm.train import agreement, predict
 
@@ -115,12 +117,14 @@ class AlongLayer:
 
 @torch.no_grad()
 def along(model: nn.Module, replaced: dict[str, dict[str, torch.Tensor]], data: Dataset, calib_samples: int = 512,
-          eval_samples: int | None = 2000, seed: int = 0, progress: bool = False) -> tuple[str, float, list[AlongLayer]]:
+          eval_samples: int | None = 2000, seed: int = 0, progress: bool = False,
+          bn_reestimate: bool = True) -> tuple[str, float, list[AlongLayer]]:
     """Where the accuracy goes in a quantized model: `replaced` maps layer names of the float `model`
     to the parameters a quantized model gives them ({"weight": α·Q, "bias": ...}); each is put in alone,
-    and cumulatively in forward order. Returns (metric, float metric, per layer). Only the named
-    parameters change: BatchNorm statistics stay the float model's, so the last cumulative value
-    can differ from the quantized model's own (its statistics were re-estimated)."""
+    and cumulatively in forward order. Returns (metric, float metric, per layer). With `bn_reestimate`
+    each of those models has its BatchNorm statistics re-estimated on the calibration inputs before it
+    is scored, as the calibration back-ends deploy it (without, a deep network's float statistics
+    turn a small weight change into a large drop that the deployed model does not have)."""
     model = model.eval()
     x = data.calibration(calib_samples, seed)
     x_eval = torch.as_tensor(np.asarray(data.x_test[:eval_samples], np.float32))
@@ -128,16 +132,26 @@ def along(model: nn.Module, replaced: dict[str, dict[str, torch.Tensor]], data: 
     ref = predict(model, x_eval, EVAL_BATCH)
     classifier = ref.dim() == 2 and data.num_classes > 0
 
-    def score() -> float:
-        out = predict(model, x_eval, EVAL_BATCH)
+    def measure(out: torch.Tensor) -> float:
         if y_eval is not None:
             return round(float((out.argmax(1).numpy() == y_eval).mean() * 100), 3)
         a = agreement(ref, out, classifier)
         v = a["top1_agreement"] if classifier else a["sqnr_db"]
         return math.inf if v is None else float(v)
 
+    bns = batchnorms(model) if bn_reestimate else []
+    float_stats = copy.deepcopy([bn.state_dict() for bn in bns])
+
+    def score() -> float:  # the model as it stands, its BatchNorm statistics re-estimated for the score only
+        if bns:
+            reestimate_bn(model, x)
+        out = predict(model, x_eval, EVAL_BATCH)
+        for bn, st in zip(bns, float_stats):
+            bn.load_state_dict(st)
+        return measure(out)
+
     metric = "accuracy" if y_eval is not None else ("top1 agreement" if classifier else "sqnr_db")
-    float_metric = score()
+    float_metric = measure(ref)
     modules = dict(model.named_modules())
     order = [n for n, _ in select_layers(model, QuantSpec(bits=8)) if n in replaced]
     missing = sorted(set(replaced) - set(order))

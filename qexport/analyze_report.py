@@ -99,7 +99,8 @@ def blocks(title: str, sens: Sensitivity | None, along: tuple[str, float, list[A
         metric, float_metric, steps = along
         out.append(("h2", "Along the network"))
         out.append(("p", f"The quantized model's weights (and biases) put into the float model: each layer alone, and every "
-                         f"layer up to it in forward order. Float {metric}: {float_metric:.2f}"
+                         f"layer up to it in forward order, each model scored with its BatchNorm statistics re-estimated on "
+                         f"the calibration inputs (as the calibration back-ends deploy it). Float {metric}: {float_metric:.2f}"
                          + (f"; the quantized model itself (its re-estimated BatchNorm statistics and corrected biases "
                             f"included): {quantized:.2f}." if quantized is not None else ".")))
         out.append(Table(("layer", "its output dB", f"alone: {metric}", f"cumulative: {metric}", "step"),

@@ -143,3 +143,15 @@ def test_analyze_an_artifact_shows_where_the_accuracy_goes_and_writes_a_report(t
     assert res.to_json()["along"] == rec
     msg = run_cli(["analyze", "--checkpoint", str(ckpt), "--report", str(ckpt)], code=2)
     assert "is a file" in msg and "Traceback" not in msg
+
+
+def test_along_reestimates_batchnorm_as_the_deployed_model_does(digits, digits_cnn):
+    """With BatchNorm, each model along the network is scored with re-estimated statistics: every
+    layer replaced gives (about) the quantized model's own accuracy, not the collapse that the float
+    statistics would show."""
+    import qexport
+
+    art = qexport.quantize(digits_cnn, digits, "gptq", 2, per_channel=True)
+    res = qexport.analyze(digits_cnn, digits, (2,), per_channel=True, artifact=art).to_json()["along"]
+    assert abs(res["layers"][-1]["cumulative"] - res["quantized_metric"]) <= 1.0, res
+    assert [s["name"] for s in res["layers"]] == list(art.layers)
