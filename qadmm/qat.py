@@ -34,10 +34,10 @@ LOOP = ("epochs", "lr", "batch_size")  # hyperparameters of qexport's own loop: 
 
 
 def trainers() -> list[str]:
-    """The back-ends that train in the user's loop: those whose module defines `hooks`."""
+    """The back-ends that train in the user's loop: those with `hooks`."""
     from qadmm import methods
 
-    return [n for n in methods.METHODS if hasattr(methods.get_method(n), "hooks")]
+    return [n for n, m in methods.METHODS.items() if m.hooks is not None]
 
 
 @dataclass

@@ -44,3 +44,26 @@ def test_same_seed_same_codes(digits, digits_mlp):
     runs = [methods.quantize("ste", digits_mlp, digits, QuantSpec(bits=2, params={"epochs": 2}, progress=False)) for _ in range(2)]
     for layer in runs[0].layers:
         assert torch.equal(runs[0].layers[layer].q, runs[1].layers[layer].q)
+
+
+def test_help_and_readme_say_what_the_registry_says():
+    """The defaults `quantize --help` states and the README's methods table are the registry's flags."""
+    import re
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from qexport.cli.main import main
+
+    text = " ".join(CliRunner().invoke(main, ["quantize", "--help"], terminal_width=200).output.split())
+    no_bn = sorted(n for n, m in methods.METHODS.items() if not m.recalibrate)
+    assert no_bn == ["lq", "qnn-admm"] and "on for every method but lq and qnn-admm" in text
+    bias = sorted(n for n, m in methods.METHODS.items() if m.bias_correction)
+    assert bias == ["gptq", "ldnq"] and "(default: on for gptq, ldnq; off otherwise)" in text
+    listed = re.search(r"--method TEXT Back-end: (.*?) \(see --list-methods\)", text).group(1)
+    assert sorted(listed.split(", ")) == sorted(methods.METHODS)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = re.search(r"\| method \| what it does \|.*?\n\n", readme, flags=re.S).group(0)
+    assert {m for m in re.findall(r"^\| `([a-z-]+)`", table, flags=re.M)} == set(methods.METHODS)
+    for name, m in methods.METHODS.items():
+        assert m.name == name and m.summary and m.defaults()

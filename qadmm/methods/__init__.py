@@ -1,53 +1,43 @@
 """The registry of quantization back-ends.
 
 Every back-end is one module here with a `Params` dataclass (its hyperparameters and their
-defaults) and one function with one signature:
+defaults), one function with one signature,
 
     quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult
 
-`model` is the trained float model (the back-end may modify a copy, never the caller's object);
-`spec.resolve(Params)` gives the hyperparameters with the user's overrides. A module may set
-`RECALIBRATE = True` when its result leaves BatchNorm statistics stale (it never trains them, or trains
-them on weights other than the final codes): then
-BatchNorm re-estimation runs after it by default (`qadmm.recalibrate`; `spec.bn_reestimate` overrides),
-and `BIAS_CORRECTION = True` to make bias correction its default (`spec.bias_correction` overrides).
+and `METHOD = Method(name, quantize, Params, __doc__, ...flags)` (`method.py`): the registry below is
+built from those by plain imports. `model` is the trained float model (the back-end may modify a
+copy, never the caller's object); `spec.resolve(Params)` gives the hyperparameters with the user's
+overrides. A method whose result leaves BatchNorm statistics stale (it never trains them, or trains
+them on weights other than the final codes) sets `recalibrate=True`: BatchNorm re-estimation then
+runs after it by default (`qadmm.recalibrate`; `spec.bn_reestimate` overrides); `bias_correction=True`
+makes bias correction its default (`spec.bias_correction` overrides). A training method also gives
+its `hooks` (`qadmm.finetune.Hooks`), and then trains in the user's own loop too (`qadmm.qat`).
 """
 from __future__ import annotations
-
-import importlib
-from types import ModuleType
 
 from torch import nn
 
 from qadmm.data import Dataset
 from qadmm.errors import UserError
+from qadmm.methods import admmq, askewsgd, gptq, ldnq, lq, md_softmax, md_tanh, proxquant, ptq, qnn_admm, ste
+from qadmm.methods.method import Method
 from qadmm.recalibrate import batchnorms, recalibrate
 from qadmm.spec import QuantResult, QuantSpec
 
-METHODS: dict[str, str] = {
-    "ptq": "qadmm.methods.ptq",
-    "ste": "qadmm.methods.ste",
-    "admm-q": "qadmm.methods.admmq",
-    "proxquant": "qadmm.methods.proxquant",
-    "md-tanh": "qadmm.methods.md_tanh",
-    "md-softmax": "qadmm.methods.md_softmax",
-    "askewsgd": "qadmm.methods.askewsgd",
-    "qnn-admm": "qadmm.methods.qnn_admm",
-    "lq": "qadmm.methods.lq",
-    "gptq": "qadmm.methods.gptq",
-    "ldnq": "qadmm.methods.ldnq",
-}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (ptq, ste, admmq, proxquant, md_tanh, md_softmax, askewsgd,
+                                                                   qnn_admm, lq, gptq, ldnq)}
 
 
 def calibration_only(name: str) -> bool:
-    """Whether the method needs only inputs (no labels): it sets `CALIBRATION_ONLY = True`."""
-    return getattr(get_method(name), "CALIBRATION_ONLY", False)
+    """Whether the method needs only inputs (no labels)."""
+    return get_method(name).calibration_only
 
 
-def get_method(name: str) -> ModuleType:
+def get_method(name: str) -> Method:
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
-    return importlib.import_module(METHODS[name])
+    return METHODS[name]
 
 
 def check(name: str, spec: QuantSpec) -> None:
@@ -74,13 +64,13 @@ def quantize(name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> Qua
 
 def finish(name: str, model: nn.Module, result: QuantResult, data: Dataset, spec: QuantSpec) -> QuantResult:
     """A back-end's result on the CPU, recalibrated as the method asks (see above); `model` is the float one."""
-    mod = get_method(name)
+    method = get_method(name)
     result.model.cpu()  # a back-end may have run on spec.device; results live on the CPU
     for lc in result.layers.values():
         lc.q, lc.alpha = lc.q.cpu(), lc.alpha.cpu()
-    bn = getattr(mod, "RECALIBRATE", False) if spec.bn_reestimate is None else spec.bn_reestimate
+    bn = method.recalibrate if spec.bn_reestimate is None else spec.bn_reestimate
     bn = bn and bool(batchnorms(result.model))
-    bias = getattr(mod, "BIAS_CORRECTION", False) if spec.bias_correction is None else spec.bias_correction
+    bias = method.bias_correction if spec.bias_correction is None else spec.bias_correction
     if bn or bias:
         modules = dict(model.named_modules())
         float_weights = {n: modules[n].weight.detach() for n in result.layers}

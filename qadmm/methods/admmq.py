@@ -18,10 +18,10 @@ from torch import nn
 from qadmm.data import Dataset
 from qadmm.errors import UserError
 from qadmm.finetune import Hooks, Projector, train
+from qadmm.methods.method import Method
 from qadmm.spec import QuantResult, QuantSpec
 
 
-RECALIBRATE = True  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
 
 
 @dataclass
@@ -94,3 +94,8 @@ def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hook
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     return train("admm-q", hooks, Params, model, data, spec)
+
+
+METHOD = Method("admm-q", quantize, Params, __doc__,
+                recalibrate=True,  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
+                hooks=hooks)

@@ -29,11 +29,9 @@ from qadmm.data import Dataset
 from qadmm.errors import UserError
 from qadmm.layer_inputs import times_hessian
 from qadmm.layerwise import walk
+from qadmm.methods.method import Method
 from qadmm.spec import QuantResult, QuantSpec
 
-BIAS_CORRECTION = True  # measured on cnn-small Fashion-MNIST (docs/calibration.md): +0.1 / 0 / +3.8 / +1.1 points at 4/3/2/1 bits
-CALIBRATION_ONLY = True  # inputs only: unlabelled data will do
-RECALIBRATE = True  # nothing here trains BatchNorm: re-estimate its statistics afterwards
 
 
 @dataclass
@@ -134,3 +132,9 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     layers, history = walk(model, data.calibration(spec.calib_samples, spec.seed), spec, solve,
                            f"gptq {spec.describe_codes()}", p.bn_each_layer, p.bn_samples)
     return QuantResult(model, layers, "gptq", asdict(p), history)
+
+
+METHOD = Method("gptq", quantize, Params, __doc__,
+                calibration_only=True,  # inputs only: unlabelled data will do
+                recalibrate=True,  # nothing here trains BatchNorm: re-estimate its statistics afterwards
+                bias_correction=True)  # measured on cnn-small Fashion-MNIST (docs/calibration.md): +0.1 / 0 / +3.8 / +1.1 points at 4/3/2/1 bits

@@ -38,12 +38,10 @@ from qadmm.layers import stage
 from qadmm.layerwise import output_error, walk
 from qadmm.methods.gptq import GPTQ, refit_alpha
 from qadmm.methods.gptq import Params as GPTQParams
+from qadmm.methods.method import Method
 from qadmm.spec import QuantResult, QuantSpec
 from qadmm.train import check_loss, predict, seed_everything
 
-BIAS_CORRECTION = True  # as for gptq (docs/calibration.md)
-CALIBRATION_ONLY = True  # inputs only: unlabelled data will do
-RECALIBRATE = True  # the cascade may move BatchNorm a little, never onto the quantized statistics
 
 
 @dataclass
@@ -175,3 +173,9 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
 
     layers, history = walk(model, x, spec, solve, f"ldnq {spec.describe_codes()}", p.bn_each_layer, p.bn_samples, after)
     return QuantResult(model, layers, "ldnq", asdict(p), history)
+
+
+METHOD = Method("ldnq", quantize, Params, __doc__,
+                calibration_only=True,  # inputs only: unlabelled data will do
+                recalibrate=True,  # the cascade may move BatchNorm a little, never onto the quantized statistics
+                bias_correction=True)  # as for gptq (docs/calibration.md)

@@ -36,6 +36,7 @@ from qadmm.layers import Stage, select_layers, stage
 from qadmm.layerwise import layer_codes
 from qadmm.methods.gptq import GPTQ
 from qadmm.methods.gptq import Params as GPTQParams
+from qadmm.methods.method import Method
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec
 from qadmm.train import batches, check_loss, device_of, evaluate, seed_everything
 
@@ -297,3 +298,6 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
         prm.requires_grad_(True)
     model.eval()
     return QuantResult(model, layers, "lq", asdict(p), history)
+
+
+METHOD = Method("lq", quantize, Params, __doc__)

@@ -31,8 +31,6 @@ from qadmm.finetune import Hooks, Projector, train
 from qadmm.spec import QuantResult, QuantSpec
 
 
-RECALIBRATE = True  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
-
 
 @dataclass
 class Params:

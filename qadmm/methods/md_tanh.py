@@ -7,10 +7,11 @@ from torch import nn
 from qadmm.data import Dataset
 from qadmm.finetune import Hooks, Projector
 from qadmm.methods import md
-from qadmm.methods.md import RECALIBRATE, Params, run
+from qadmm.methods.md import Params, run
+from qadmm.methods.method import Method
 from qadmm.spec import QuantResult, QuantSpec
 
-__all__ = ["Params", "RECALIBRATE", "hooks", "quantize"]
+__all__ = ["METHOD", "Params", "hooks", "quantize"]
 
 
 def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hooks:
@@ -19,3 +20,8 @@ def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hook
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     return run("tanh", "md-tanh", model, data, spec)
+
+
+METHOD = Method("md-tanh", quantize, Params, __doc__,
+                recalibrate=True,  # as every training method: BatchNorm's statistics were gathered before the final hard rounding
+                hooks=hooks)

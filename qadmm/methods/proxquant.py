@@ -12,10 +12,10 @@ from torch import nn
 
 from qadmm.data import Dataset
 from qadmm.finetune import Hooks, Projector, train
+from qadmm.methods.method import Method
 from qadmm.spec import QuantResult, QuantSpec
 
 
-RECALIBRATE = True  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
 
 
 @dataclass
@@ -55,3 +55,8 @@ def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hook
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     return train("proxquant", hooks, Params, model, data, spec)
+
+
+METHOD = Method("proxquant", quantize, Params, __doc__,
+                recalibrate=True,  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
+                hooks=hooks)

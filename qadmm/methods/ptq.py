@@ -11,11 +11,10 @@ from torch import nn
 from qadmm.codes import fit
 from qadmm.data import Dataset
 from qadmm.layers import select_layers
+from qadmm.methods.method import Method
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec, apply_codes
 
 
-CALIBRATION_ONLY = True  # inputs only: unlabelled data will do
-RECALIBRATE = True  # nothing here trains BatchNorm: re-estimate its statistics afterwards
 
 
 @dataclass
@@ -37,3 +36,8 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
         history.append({"layer": name, "rel_error": rel})
     apply_codes(model, layers)
     return QuantResult(model, layers, "ptq", asdict(p), history)
+
+
+METHOD = Method("ptq", quantize, Params, __doc__,
+                calibration_only=True,  # inputs only: unlabelled data will do
+                recalibrate=True)  # nothing here trains BatchNorm: re-estimate its statistics afterwards

@@ -28,6 +28,7 @@ from qadmm.codes import fit
 from qadmm.data import Dataset
 from qadmm.errors import UserError
 from qadmm.layers import select_layers
+from qadmm.methods.method import Method
 from qadmm.spec import LayerCodes, QuantResult, QuantSpec, apply_codes
 from qadmm.train import seed_everything
 from qadmm.zoo import mlp_layers
@@ -324,3 +325,6 @@ def _run(model, linears, net: _Net, blocks, xv, yv, spec: QuantSpec, p: Params) 
                     "seconds": round(time.perf_counter() - t0, 3), "backtrack_capped": sum(c.capped for c in net.ups + net.theta),
                     "fista_steps": net.fista_steps})
     return QuantResult(model, layers, "qnn-admm", asdict(p), history)
+
+
+METHOD = Method("qnn-admm", quantize, Params, __doc__)

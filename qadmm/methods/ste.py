@@ -11,10 +11,10 @@ from torch import nn
 
 from qadmm.data import Dataset
 from qadmm.finetune import Hooks, Projector, train
+from qadmm.methods.method import Method
 from qadmm.spec import QuantResult, QuantSpec
 
 
-RECALIBRATE = True  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
 # (measured on cnn-small Fashion-MNIST, 2 bits per channel, 1 epoch: ste +16.6, md-tanh +2.9, askewsgd +1.1,
 # admm-q −0.3, proxquant −0.2 points; docs/paper-methods.md)
 
@@ -35,3 +35,8 @@ def hooks(model: nn.Module, spec: QuantSpec, p: Params, proj: Projector) -> Hook
 
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     return train("ste", hooks, Params, model, data, spec)
+
+
+METHOD = Method("ste", quantize, Params, __doc__,
+                recalibrate=True,  # BatchNorm's running statistics were gathered on weights before the final hard rounding: re-estimate them on α·Q
+                hooks=hooks)

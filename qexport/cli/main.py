@@ -171,7 +171,7 @@ def parse_bytes(text: str) -> int:
               help="Training images for calibration: GPTQ/LDNQ layer inputs and BatchNorm re-estimation.")
 @click.option("--bn-reestimate/--no-bn-reestimate", default=None,
               help="Recompute BatchNorm statistics with the quantized weights afterwards "
-                   "(default: on for ptq, gptq, ldnq; off for the methods that train BatchNorm).")
+                   "(default: on for every method but lq and qnn-admm, which train it on the final codes; see --list-methods).")
 @click.option("--bias-correction/--no-bias-correction", default=None,
               help="Nagel et al. 2019 bias correction of quantized layers with no BatchNorm after them "
                    "(default: on for gptq, ldnq; off otherwise).")
@@ -185,8 +185,6 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
              keep_last, layer_bits, exclude, size_budget, avg_bits, max_drop, bit_choices, allow_float, max_steps, normalize, params, calib_samples, bn_reestimate, bias_correction, device, epochs,
              lr, batch_size, patience, seed, output, quiet, list_methods):
     """Quantize a float model's weights to integer codes and scales; write the artifact."""
-    import dataclasses
-
     from qadmm import methods
     from qadmm.spec import QuantSpec
     from qadmm.zoo import NAMES
@@ -197,11 +195,12 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     from qexport.fileio import check_output_path
 
     if list_methods:
-        for name in methods.METHODS:
-            mod = methods.get_method(name)
-            fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(mod.Params))
-            summary = re.split(r"\.\s+(?=[A-Z])", " ".join((mod.__doc__ or "").split("\n\n")[0].split()))[0]
-            click.echo(f"{name:10s} {summary}\n{'':10s} {fields}")
+        for name, m in methods.METHODS.items():
+            fields = ", ".join(f"{k}={v}" for k, v in m.defaults().items())
+            flags = [text for on, text in ((m.calibration_only, "calibration only"), (m.recalibrate, "BatchNorm re-estimated"),
+                                           (m.bias_correction, "bias corrected"), (m.hooks is not None, "trains in your loop too"))
+                     if on]
+            click.echo(f"{name:10s} {m.summary}\n{'':10s} {fields}" + (f"\n{'':10s} [{', '.join(flags)}]" if flags else ""))
         return
     lbits = parse_layer_bits(layer_bits)
     budget = None
