@@ -16,7 +16,7 @@ from qadmm.errors import BadValue, UserError
 P = TypeVar("P")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantSpec:
     """The user's request: code set, scale granularity, which layers, seed, method overrides.
 
@@ -42,8 +42,30 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         # a bare string would be read as one pattern per character
-        self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude or ())
-        self.layer_bits = dict(self.layer_bits or {})
+        object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude or ()))
+        object.__setattr__(self, "layer_bits", dict(self.layer_bits or {}))
+        object.__setattr__(self, "params", dict(self.params or {}))
+
+    # what an artifact records of the request (`meta["spec"]`; the method's params are recorded beside it)
+    RECORDED = ("bits", "scheme", "per_channel", "keep_first", "keep_last", "layer_bits", "exclude", "seed",
+                "calib_samples", "bn_reestimate", "bias_correction", "device")
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as plain JSON (the artifact's `spec`): the code set's scheme resolved, so the
+        file says which codes were used even where the default was asked for."""
+        out = {k: getattr(self, k) for k in self.RECORDED}
+        out.update(scheme=self.codes.scheme, exclude=list(self.exclude), layer_bits=dict(self.layer_bits))
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], params: dict[str, Any] | None = None) -> "QuantSpec":
+        """The request `to_json` wrote (and the method's `params`), checked as any request is."""
+        unknown = sorted(set(d) - set(cls.RECORDED))
+        if unknown:
+            raise BadValue(f"spec: unknown field(s) {', '.join(unknown)}: known are {', '.join(cls.RECORDED)}")
+        spec = cls(**{k: (tuple(v) if k == "exclude" else v) for k, v in d.items()}, params=dict(params or {}), progress=False)
+        spec.validate()
+        return spec
 
     @property
     def codes(self) -> CodeSet:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from dataclasses import dataclass
 import sys
 import time
@@ -32,6 +33,7 @@ from qadmm.spec import QuantSpec
 from qadmm.train import accuracy, agreement, predict
 from qadmm.zoo import Normalize
 from qexport.artifact import Artifact, load_artifact
+from qexport.config import Config, config
 from qexport.fileio import versions
 from qexport.graph import rebuilt, trace
 from qexport.mixed import Budget, search
@@ -92,14 +94,16 @@ def with_normalization(model: nn.Module, pre: dict) -> nn.Module:
     return nn.Sequential(OrderedDict(normalize=Normalize(np.asarray(pre["mean"]), np.asarray(pre["std"])), body=model))
 
 
-def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: int = 4, *, scheme: str | None = None,
+def quantize(model: nn.Module, data: Any, method: "str | Config" = DEFAULT_METHOD, bits: int = 4, *, scheme: str | None = None,
              per_channel: bool = False, layer_bits: dict[str, int] | None = None, exclude: Sequence[str] = (),
              keep_first: bool = False, keep_last: bool = False, params: Any = None, normalize: str | Sequence | None = None,
              calib_samples: int = 2048, bn_reestimate: bool | None = None, bias_correction: bool | None = None,
              seed: int = 0, device: str = "cpu", progress: bool = False, model_name: str | None = None,
              source: dict | None = None, budget: Budget | None = None) -> Artifact:
     """Quantize a trained float model's weights with back-end `method`; the artifact, in memory
-    (`art.save(path)` writes it).
+    (`art.save(path)` writes it). `method` may be a whole typed request instead,
+    `qexport.GPTQ(bits=4, per_channel=True, damp=0.01)` (`qexport.config`): the request's keywords
+    below then stay at their defaults.
 
     `params` is the method's typed config (e.g. `qadmm.methods.gptq.Params(damp=0.01)`) or a dict
     of overrides; `layer_bits` maps layer-name patterns to bit widths (mixed precision) and
@@ -108,14 +112,22 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
     traced first, so an unsupported op is refused before any work. The caller's model is not
     modified. `budget` (`qexport.Budget(size_bytes=, avg_bits=, max_drop=, bit_choices=, ...)`): choose a
     width per layer under it and measure (`qexport.mixed.search`); `bits` is then unused."""
+    if isinstance(method, Config):
+        given = {k: v for k, v in dict(bits=bits, scheme=scheme, per_channel=per_channel, layer_bits=layer_bits,
+                                       exclude=tuple(exclude), keep_first=keep_first, keep_last=keep_last, params=params,
+                                       calib_samples=calib_samples, bn_reestimate=bn_reestimate,
+                                       bias_correction=bias_correction, seed=seed, device=device).items()
+                 if v != REQUEST_DEFAULTS[k]}
+        if given:
+            raise UserError(f"quantize: {', '.join(given)} given beside a {method.method} config: put them in the config")
+        method, spec = method.method, dataclasses.replace(method.spec, progress=progress)
+    else:
+        spec = config(method, bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
+                      seed=seed, params=params, progress=progress, calib_samples=calib_samples, bn_reestimate=bn_reestimate,
+                      bias_correction=bias_correction, device=device, layer_bits=dict(layer_bits or {}),
+                      exclude=tuple(exclude)).spec
+    seed = spec.seed
     data = as_dataset(data, seed)
-    if params is not None and dataclasses.is_dataclass(params):
-        params = dataclasses.asdict(params)
-    spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
-                     seed=seed, params=dict(params or {}), progress=progress, calib_samples=calib_samples,
-                     bn_reestimate=bn_reestimate, bias_correction=bias_correction, device=device,
-                     layer_bits=dict(layer_bits or {}), exclude=tuple(exclude))
-    methods.check(method, spec)
     if budget is not None:
         budget.validate()
     pre = normalization(normalize, data)
@@ -144,6 +156,13 @@ def quantize(model: nn.Module, data: Any, method: str = DEFAULT_METHOD, bits: in
                      {"mixed_precision": mixed} if mixed else {})
 
 
+# quantize's request keywords and their defaults: with a Config they must stay there
+REQUEST_DEFAULTS = {k: (tuple(v.default) if k == "exclude" else v.default)
+                    for k, v in inspect.signature(quantize).parameters.items()
+                    if k in ("bits", "scheme", "per_channel", "layer_bits", "exclude", "keep_first", "keep_last", "params",
+                             "calib_samples", "bn_reestimate", "bias_correction", "seed", "device")}
+
+
 def _artifact(model: nn.Module, graph, data: Dataset, method: str, spec: QuantSpec, result, seconds: float, pre: dict,
               model_name: str | None, source: dict | None, extra: dict) -> Artifact:
     """The artifact of `result` (quantized from the float `model`, captured as `graph`): the one place
@@ -163,10 +182,7 @@ def _artifact(model: nn.Module, graph, data: Dataset, method: str, spec: QuantSp
         "dataset": data.describe(),
         "float_training": source or {},
         "method": {"name": method, "params": result.params, "seconds": round(seconds, 2)},
-        "spec": {"bits": spec.bits, "scheme": spec.codes.scheme, "per_channel": spec.per_channel, "keep_first": spec.keep_first,
-                 "keep_last": spec.keep_last, "layer_bits": spec.layer_bits, "exclude": list(spec.exclude), "seed": spec.seed,
-                 "calib_samples": spec.calib_samples, "bn_reestimate": spec.bn_reestimate,
-                 "bias_correction": spec.bias_correction, "device": spec.device},
+        "spec": spec.to_json(),
         "recalibration": result.recalibration,
         "history": result.history,
         "accuracy": {"float_test": float_acc, "quantized_test": q_acc,
@@ -197,12 +213,8 @@ def prepare(model: nn.Module, method: str, bits: int = 4, *, steps: int, input_s
     `qexport.convert(model, data)`."""
     from qadmm import qat
 
-    if params is not None and dataclasses.is_dataclass(params):
-        params = dataclasses.asdict(params)
-    spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
-                     seed=seed, params=dict(params or {}), progress=False, layer_bits=dict(layer_bits or {}),
-                     exclude=tuple(exclude))
-    methods.check(method, spec)
+    spec = config(method, bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
+                  seed=seed, params=params, progress=False, layer_bits=dict(layer_bits or {}), exclude=tuple(exclude)).spec
     qat.check_unprepared(model)
     was_training = model.training
     trace(model.eval(), tuple(input_shape))  # refuses what cannot be exported now, not after training

@@ -186,10 +186,10 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
              lr, batch_size, patience, seed, output, quiet, list_methods):
     """Quantize a float model's weights to integer codes and scales; write the artifact."""
     from qadmm import methods
-    from qadmm.spec import QuantSpec
     from qadmm.zoo import NAMES
     from qexport import api
     from qexport.checkpoint import card_path
+    from qexport.config import config
     from qexport.describe import describe_agreement, describe_mixed, describe_preprocessing
     from qexport.mixed import Budget
     from qexport.fileio import check_output_path
@@ -209,11 +209,10 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
                         max_drop=max_drop, bit_choices=tuple(parse_bits(bit_choices)), allow_float=allow_float,
                         max_steps=max_steps)
         budget.validate()
-    spec = QuantSpec(bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
-                     seed=seed, params=parse_params(params), progress=not quiet, calib_samples=calib_samples,
-                     bn_reestimate=bn_reestimate, bias_correction=bias_correction, device=device, layer_bits=lbits,
-                     exclude=tuple(exclude))
-    methods.check(method, spec)  # refuse bad input before any training
+    # the whole request, checked before any training
+    request = config(method, bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
+                     seed=seed, params=parse_params(params), calib_samples=calib_samples, bn_reestimate=bn_reestimate,
+                     bias_correction=bias_correction, device=device, layer_bits=lbits, exclude=tuple(exclude))
     user = bool(model_name and model_name not in NAMES)
     if normalize not in (None, "none") and not user:
         raise UserError("--normalize is for your own model (--model module:factory): zoo models and qexport "
@@ -226,11 +225,8 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
                                       normalize)
     out = Path(output or f"{data.name}-{Path(name).stem.replace(':', '_')}-{method}-{bits}b.qx.safetensors")
     check_output_path(out, inputs)
-    art = api.quantize(model, data, method, bits, scheme=scheme, per_channel=per_channel, layer_bits=lbits,
-                       exclude=exclude, keep_first=keep_first, keep_last=keep_last, params=spec.params,
-                       normalize=normalize if user and checkpoint else None, calib_samples=calib_samples,
-                       bn_reestimate=bn_reestimate, bias_correction=bias_correction, seed=seed, device=device,
-                       progress=not quiet, model_name=name, source=source, budget=budget)
+    art = api.quantize(model, data, request, normalize=normalize if user and checkpoint else None, progress=not quiet,
+                       model_name=name, source=source, budget=budget)
     digest = art.save(out)
     m = art.meta
     acc = m["accuracy"]
