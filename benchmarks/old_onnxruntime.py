@@ -237,7 +237,10 @@ def main() -> int:
             np.save(x_path, x)
             model, _ = load_checkpoint(ROOT / ckpt)
             for bits in a.bits:
-                art = qexport.quantize(model, data, "ptq", bits, per_channel=True, calib_samples=512, model_name=name)
+                from qexport.provenance import Provenance
+
+                art = qexport.quantize(model, data, "ptq", bits, per_channel=True, calib_samples=512,
+                                       provenance=Provenance(model_name=name))
                 for form in FORMS:
                     default = qexport.to_onnx(art, None, form, data)
                     lowest = requirement(default).lowest_opset

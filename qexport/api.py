@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 from dataclasses import dataclass
-import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -34,8 +32,8 @@ from qadmm.train import accuracy, agreement, predict
 from qadmm.zoo import Normalize
 from qexport.artifact import Artifact, load_artifact
 from qexport.config import Config, config
-from qexport.fileio import versions
 from qexport.graph import rebuilt, trace
+from qexport.provenance import Provenance, stamp
 from qexport.mixed import Budget, search
 from qexport.ops.base import OUTPUT
 
@@ -94,38 +92,30 @@ def with_normalization(model: nn.Module, pre: dict) -> nn.Module:
     return nn.Sequential(OrderedDict(normalize=Normalize(np.asarray(pre["mean"]), np.asarray(pre["std"])), body=model))
 
 
-def quantize(model: nn.Module, data: Any, method: "str | Config" = DEFAULT_METHOD, bits: int = 4, *, scheme: str | None = None,
-             per_channel: bool = False, layer_bits: dict[str, int] | None = None, exclude: Sequence[str] = (),
-             keep_first: bool = False, keep_last: bool = False, params: Any = None, normalize: str | Sequence | None = None,
-             calib_samples: int = 2048, bn_reestimate: bool | None = None, bias_correction: bool | None = None,
-             seed: int = 0, device: str = "cpu", progress: bool = False, model_name: str | None = None,
-             source: dict | None = None, budget: Budget | None = None) -> Artifact:
-    """Quantize a trained float model's weights with back-end `method`; the artifact, in memory
-    (`art.save(path)` writes it). `method` may be a whole typed request instead,
-    `qexport.GPTQ(bits=4, per_channel=True, damp=0.01)` (`qexport.config`): the request's keywords
-    below then stay at their defaults.
+def quantize(model: nn.Module, data: Any, request: "str | Config" = DEFAULT_METHOD, bits: int | None = None, *,
+             normalize: str | Sequence | None = None, budget: Budget | None = None, progress: bool = False,
+             provenance: Provenance | None = None, **request_kw: Any) -> Artifact:
+    """Quantize a trained float model's weights; the artifact, in memory (`art.save(path)` writes it).
 
-    `params` is the method's typed config (e.g. `qadmm.methods.gptq.Params(damp=0.01)`) or a dict
-    of overrides; `layer_bits` maps layer-name patterns to bit widths (mixed precision) and
-    `exclude` leaves matching layers float. `normalize` puts (x - mean)/std in front of the model
-    ("fit" on the training split, or (mean, std)); the default None adds nothing. The model is
-    traced first, so an unsupported op is refused before any work. The caller's model is not
-    modified. `budget` (`qexport.Budget(size_bytes=, avg_bits=, max_drop=, bit_choices=, ...)`): choose a
-    width per layer under it and measure (`qexport.mixed.search`); `bits` is then unused."""
-    if isinstance(method, Config):
-        given = {k: v for k, v in dict(bits=bits, scheme=scheme, per_channel=per_channel, layer_bits=layer_bits,
-                                       exclude=tuple(exclude), keep_first=keep_first, keep_last=keep_last, params=params,
-                                       calib_samples=calib_samples, bn_reestimate=bn_reestimate,
-                                       bias_correction=bias_correction, seed=seed, device=device).items()
-                 if v != REQUEST_DEFAULTS[k]}
-        if given:
-            raise UserError(f"quantize: {', '.join(given)} given beside a {method.method} config: put them in the config")
-        method, spec = method.method, dataclasses.replace(method.spec, progress=progress)
+    `request` is a typed request, `qexport.GPTQ(bits=4, per_channel=True, damp=0.01)` (`qexport.config`),
+    or a back-end's name with the request as keywords, which make the same request:
+    `quantize(model, data, "gptq", 4, per_channel=True, damp=0.01)` (bits; the spec's fields:
+    scheme, per_channel, layer_bits (layer-name patterns to widths), exclude (patterns left float),
+    keep_first/last, calib_samples, bn_reestimate, bias_correction, seed, device; the method's
+    hyperparameters, or `params=` its Params dataclass or a dict). `normalize` puts (x - mean)/std in
+    front of the model ("fit" on the training split, or (mean, std)); None adds nothing. `budget`
+    (`qexport.Budget(size_bytes=, avg_bits=, max_drop=, ...)`) chooses a width per layer under it and
+    measures (`qexport.mixed.search`); the request's bits are then unused. `provenance` names the model,
+    its float training and the command for the artifact's metadata. The model is captured first, so
+    what cannot be exported is refused before any work; the caller's model is not modified."""
+    if isinstance(request, Config):
+        if bits is not None or request_kw:
+            given = ["bits"] * (bits is not None) + sorted(request_kw)
+            raise UserError(f"quantize: {', '.join(given)} given beside a {request.method} config: put them in the config")
     else:
-        spec = config(method, bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
-                      seed=seed, params=params, progress=progress, calib_samples=calib_samples, bn_reestimate=bn_reestimate,
-                      bias_correction=bias_correction, device=device, layer_bits=dict(layer_bits or {}),
-                      exclude=tuple(exclude)).spec
+        request = config(request, **({"bits": bits} if bits is not None else {}), **request_kw)
+    method, spec = request.method, dataclasses.replace(request.spec, progress=progress)
+    provenance = provenance or Provenance()
     seed = spec.seed
     data = as_dataset(data, seed)
     if budget is not None:
@@ -152,19 +142,12 @@ def quantize(model: nn.Module, data: Any, method: "str | Config" = DEFAULT_METHO
     else:
         result = methods.quantize(method, work, data, spec)
     seconds = time.perf_counter() - t0
-    return _artifact(model, graph, data, method, spec, result, seconds, pre, model_name, source,
+    return _artifact(model, graph, data, method, spec, result, seconds, pre, provenance,
                      {"mixed_precision": mixed} if mixed else {})
 
 
-# quantize's request keywords and their defaults: with a Config they must stay there
-REQUEST_DEFAULTS = {k: (tuple(v.default) if k == "exclude" else v.default)
-                    for k, v in inspect.signature(quantize).parameters.items()
-                    if k in ("bits", "scheme", "per_channel", "layer_bits", "exclude", "keep_first", "keep_last", "params",
-                             "calib_samples", "bn_reestimate", "bias_correction", "seed", "device")}
-
-
 def _artifact(model: nn.Module, graph, data: Dataset, method: str, spec: QuantSpec, result, seconds: float, pre: dict,
-              model_name: str | None, source: dict | None, extra: dict) -> Artifact:
+              provenance: Provenance, extra: dict) -> Artifact:
     """The artifact of `result` (quantized from the float `model`, captured as `graph`): the one place
     its metadata is built (what produced it, how well it does against the float model)."""
     out_shape = graph.shapes.get(OUTPUT, [])
@@ -175,12 +158,12 @@ def _artifact(model: nn.Module, graph, data: Dataset, method: str, spec: QuantSp
         x_test = torch.as_tensor(data.x_test)
         agree = agreement(predict(model, x_test), predict(result.model, x_test), classifier and len(out_shape) == 1)
     meta = {
-        "architecture": {"model": model_name or type(model).__name__, "input_shape": list(data.input_shape),
+        "architecture": {"model": provenance.model_name or type(model).__name__, "input_shape": list(data.input_shape),
                          **({"num_classes": out_shape[0]} if classifier else {}), "output_shape": list(out_shape),
                          "capture": graph.source},
         "preprocessing": pre,
         "dataset": data.describe(),
-        "float_training": source or {},
+        "float_training": dict(provenance.float_training),
         "method": {"name": method, "params": result.params, "seconds": round(seconds, 2)},
         "spec": spec.to_json(),
         "recalibration": result.recalibration,
@@ -189,10 +172,8 @@ def _artifact(model: nn.Module, graph, data: Dataset, method: str, spec: QuantSp
                      "quantized_val": accuracy(result.model, data.x_val, data.y_val) if classifier else None},
         "agreement": agree,
         **extra,
-        "versions": versions(),
-        "command": "qexport " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "qexport" else "python API",
     }
-    return Artifact.create(result.model, result.layers, meta, graph)
+    return Artifact.create(result.model, result.layers, stamp(meta, provenance.command), graph)
 
 
 def _check_output(graph, data: Dataset) -> None:
@@ -230,7 +211,7 @@ def optimizer(model: nn.Module, opt: torch.optim.Optimizer):
     return qat.optimizer(model, opt)
 
 
-def convert(model: nn.Module, data: Any, *, calib_samples: int = 2048, model_name: str | None = None) -> Artifact:
+def convert(model: nn.Module, data: Any, *, calib_samples: int = 2048, provenance: Provenance | None = None) -> Artifact:
     """The artifact of a model trained after `prepare` (in place it becomes a plain float model again):
     its weights projected onto the codes, BatchNorm re-estimated as the method asks, on `data`
     (a Dataset or arrays, as `quantize` takes them; its test split measures the result)."""
@@ -243,7 +224,7 @@ def convert(model: nn.Module, data: Any, *, calib_samples: int = 2048, model_nam
     graph = trace(float_model, data.input_shape)
     _check_output(graph, data)
     result = methods.finish(st.method, float_model, result, data, spec)
-    return _artifact(float_model, graph, data, st.method, spec, result, 0.0, {"type": "none"}, model_name, None,
+    return _artifact(float_model, graph, data, st.method, spec, result, 0.0, {"type": "none"}, provenance or Provenance(),
                      {"training_loop": "the user's (qexport.prepare / optimizer / convert)"})
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from qadmm.errors import BadData, BadValue, UserError
 from qexport.fileio import PathLike
+from qexport.provenance import float_card, stamp
 
 SCHEMA = "qexport.sweep/1"
 FORMS = ("weights", "qdq", "qoperator")
@@ -360,7 +361,7 @@ def train_float(cfg_fields: dict, ds: str, m: ModelSpec, seed: int) -> bytes:  #
     arch = {"model": name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     with tempfile.TemporaryDirectory(prefix="qexport-sweep-") as tmp:
         path = Path(tmp) / "float.safetensors"
-        save_checkpoint(path, model, {"architecture": arch, "preprocessing": preprocessing(data), "training": info})
+        save_checkpoint(path, model, float_card(arch, preprocessing(data), data.describe(), info, "qexport sweep"))
         return path.read_bytes()
 
 
@@ -375,10 +376,8 @@ def run_cell(cell: Cell, job: Job) -> dict:
     except Exception as e:  # noqa: BLE001 - every failure is recorded, the sweep goes on
         msg = str(e).splitlines()[0] if str(e) else ""
         rec["status"], rec["error"] = "error", f"{type(e).__name__}: {msg}" if not isinstance(e, UserError) else msg
-    from qexport.fileio import versions
-
     rec["seconds"] = {**rec.get("seconds", {}), "total": round(time.perf_counter() - t0, 3)}
-    rec["versions"] = versions()
+    rec = stamp(rec, "qexport sweep")
     rec["worker"] = f"{socket.gethostname()}:{os.getpid()}"
     rec["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return rec
@@ -387,6 +386,8 @@ def run_cell(cell: Cell, job: Job) -> dict:
 def _quantize_cell(cell: Cell, job: Job) -> dict:
     from qexport import api
     from qexport.checkpoint import load_checkpoint
+    from qexport.config import config
+    from qexport.provenance import Provenance, is_user_model
     from qexport.workflow import float_model, load_data
 
     data = load_data(job.data, job.data_dir, cell.seed, None)
@@ -398,11 +399,12 @@ def _quantize_cell(cell: Cell, job: Job) -> dict:
             name, source = meta["architecture"]["model"], {"trained_by": "qexport sweep", **meta.get("training", {})}
         else:
             model, name, source = float_model(data, m.name, m.checkpoint, cell.seed, None, 3e-3, 32, 30, False)
-        user = bool(m.name and ":" in m.name and m.checkpoint)
+        user = is_user_model(m.name) and bool(m.checkpoint)
         t0 = time.perf_counter()
-        art = api.quantize(model, data, cell.method, cell.bits, scheme=cell.scheme, per_channel=cell.per_channel,
-                           params=cell.params, seed=cell.seed, model_name=name, source=source, device=job.device,
-                           normalize=m.normalize if user else None)
+        request = config(cell.method, bits=cell.bits, scheme=cell.scheme, per_channel=cell.per_channel, params=cell.params,
+                         seed=cell.seed, device=job.device)
+        art = api.quantize(model, data, request, normalize=m.normalize if user else None,
+                           provenance=Provenance(name, source, "qexport sweep"))
         seconds = {"quantize": round(time.perf_counter() - t0, 3)}
         out: dict[str, Any] = {"scheme": art.meta["spec"]["scheme"], "float_acc": art.meta["accuracy"]["float_test"],
                                "acc": art.meta["accuracy"]["quantized_test"], "method_params": art.meta["method"]["params"],

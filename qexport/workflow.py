@@ -99,8 +99,9 @@ def float_model(data, model_name: str | None, checkpoint: str | None, seed: int,
     from qadmm.zoo import NAMES, build_model, default_model
     from qexport import api
     from qexport.checkpoint import check_finite, load_checkpoint, load_user_state
+    from qexport.provenance import is_user_model
 
-    user = bool(model_name and model_name not in NAMES and ":" in model_name)
+    user = is_user_model(model_name)
     if checkpoint and not user:
         model, meta = load_checkpoint(checkpoint)
         arch = meta["architecture"]

@@ -3,7 +3,6 @@ import copy
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

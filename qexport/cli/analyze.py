@@ -70,14 +70,14 @@ def analyze(data_name, data_dir, label_column, model_name, checkpoint, normalize
       qexport analyze --checkpoint models/digits-mlp.safetensors --bits 4,2,1 --json sens.json
       qexport analyze --checkpoint models/digits-mlp.safetensors --artifact m.qx.safetensors --per-channel
     """
-    from qadmm.zoo import NAMES
+    from qexport.provenance import is_user_model
     from qexport import analyze_report
     from qexport import api
     from qexport.fileio import atomic_path, check_output_path
     from qexport.workflow import float_model, load_data
 
     bits = parse_bits(bits_text, "--bits")
-    user = bool(model_name and model_name not in NAMES)
+    user = is_user_model(model_name)
     if normalize not in (None, "none") and not user:
         raise UserError("--normalize is for your own model (--model module:factory): zoo models and qexport "
                         "checkpoints carry their own normalisation")

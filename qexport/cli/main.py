@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import click
@@ -70,7 +71,8 @@ def train(data_name, data_dir, label_column, model_name, epochs, lr, batch_size,
     """
     from qexport.api import normalization
     from qexport.checkpoint import card_path, save_checkpoint
-    from qexport.fileio import check_output_path, versions
+    from qexport.fileio import check_output_path
+    from qexport.provenance import command_line, float_card
 
     from qadmm.zoo import NAMES
 
@@ -83,9 +85,7 @@ def train(data_name, data_dir, label_column, model_name, epochs, lr, batch_size,
     model, name, info = float_model(data, model_name, None, seed, epochs, lr, batch_size, patience, not quiet, normalize)
     arch = {"model": name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     pre = preprocessing(data) if name in NAMES else normalization(normalize, data)
-    meta = {"architecture": arch, "preprocessing": pre, "dataset": data.describe(), "training": info,
-            "versions": versions(), "command": "qexport train"}
-    card = save_checkpoint(out, model, meta)
+    card = save_checkpoint(out, model, float_card(arch, pre, data.describe(), info, command_line(sys.argv[1:])))
     click.echo(f"float {arch['model']} on {data.name}: val {info['val_acc']:.2f}%  test {info['test_acc']:.2f}%  "
                f"({info['epochs_run']} epochs, {info['seconds']} s)")
     click.echo(f"wrote {out} and {card}")
@@ -186,10 +186,11 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
              lr, batch_size, patience, seed, output, quiet, list_methods):
     """Quantize a float model's weights to integer codes and scales; write the artifact."""
     from qadmm import methods
-    from qadmm.zoo import NAMES
+    from qexport.provenance import is_user_model
     from qexport import api
     from qexport.checkpoint import card_path
     from qexport.config import config
+    from qexport.provenance import Provenance, command_line
     from qexport.describe import describe_agreement, describe_mixed, describe_preprocessing
     from qexport.mixed import Budget
     from qexport.fileio import check_output_path
@@ -213,7 +214,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     request = config(method, bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
                      seed=seed, params=parse_params(params), calib_samples=calib_samples, bn_reestimate=bn_reestimate,
                      bias_correction=bias_correction, device=device, layer_bits=lbits, exclude=tuple(exclude))
-    user = bool(model_name and model_name not in NAMES)
+    user = is_user_model(model_name)
     if normalize not in (None, "none") and not user:
         raise UserError("--normalize is for your own model (--model module:factory): zoo models and qexport "
                         "checkpoints carry their own normalisation")
@@ -226,7 +227,7 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
     out = Path(output or f"{data.name}-{Path(name).stem.replace(':', '_')}-{method}-{bits}b.qx.safetensors")
     check_output_path(out, inputs)
     art = api.quantize(model, data, request, normalize=normalize if user and checkpoint else None, progress=not quiet,
-                       model_name=name, source=source, budget=budget)
+                       budget=budget, provenance=Provenance(name, source or {}, command_line(sys.argv[1:])))
     digest = art.save(out)
     m = art.meta
     acc = m["accuracy"]
