@@ -288,15 +288,15 @@ def to_onnx(art: Artifact, path: str | Path | None = None, form: str = "qdq", ca
     import onnx
 
     from qexport.fileio import atomic_path, check_output_path
-    from qexport.onnx.export import FORMS, export_onnx
+    from qexport.onnx.export import export_onnx
     from qexport.onnx.calibrate import CalibConfig
+    from qexport.onnx.forms import get_form
 
-    if form not in FORMS:
-        raise UserError(f"unknown form {form!r}: use one of {', '.join(FORMS)}")
+    integer = get_form(form).integer
     if path is not None:
         check_output_path(path)
     x_calib, cfg = None, None
-    if form != "weights":
+    if integer:
         if calib_data is None:
             raise UserError(f"form {form!r} calibrates activation ranges: pass calib_data (a Dataset or arrays)")
         data = as_dataset(calib_data)
@@ -324,7 +324,7 @@ def to_c(art: Artifact, folder: str | Path | None = None, calib_data: Any = None
         raise UserError("to_c calibrates activation ranges: pass calib_data (a Dataset or arrays)")
     data = as_dataset(calib_data)
     cfg = CalibConfig(calibration, percentile, calib_batches, calib_batch_size, data.info.get("seed", 0))
-    from qexport.onnx.qoperator import check_int8
+    from qexport.onnx.integer_graph import check_int8
     from qexport.pack.c_integer import check_c
 
     check_int8(art)  # refuse before spending time on calibration

@@ -36,7 +36,7 @@ from qexport.fileio import PathLike
 from qexport.provenance import float_card, stamp
 
 SCHEMA = "qexport.sweep/1"
-FORMS = ("weights", "qdq", "qoperator")
+FORMS = ("weights", "qdq", "qoperator")  # the names of qexport.onnx.forms.FORMS (imported there: this module stays light)
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 

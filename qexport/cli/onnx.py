@@ -10,7 +10,8 @@ import numpy as np
 from qadmm.errors import UserError
 
 from qexport.cli.options import SEED, Finite, data_file
-from qexport.onnx.export import DEQUANT, FORMS
+from qexport.onnx.export import DEQUANT
+from qexport.onnx.forms import FORMS, NAMES as FORM_NAMES
 
 
 def _dataset(art, data_name, data_dir, seed):
@@ -44,7 +45,7 @@ def _data_opts(f):
 @click.command("to-onnx")
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="ONNX path (default: ARTIFACT stem + .<form>.onnx).")
-@click.option("--form", type=click.Choice(FORMS), default="qdq", show_default=True,
+@click.option("--form", type=click.Choice(FORM_NAMES), default="qdq", show_default=True,
               help="weights: integer weights, float compute. qdq: Q/DQ pairs, fused to integer kernels. "
                    "qoperator: QLinearConv/QGemm graph.")
 @_data_opts
@@ -81,12 +82,13 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
     check_output_path(out, [artifact, data_file(data_name)])
     art = load_artifact(artifact)
     data = None
-    if form != "weights":
-        from qexport.onnx.qoperator import check_int8
+    integer = FORMS[form].integer
+    if integer:
+        from qexport.onnx.integer_graph import check_int8
 
         check_int8(art)  # before loading data
         data = _dataset(art, data_name, data_dir, seed)
-    if dequant != "cast" and form != "weights":
+    if dequant != "cast" and integer:
         raise UserError(f"--dequant applies to --form weights only (form {form} runs integer kernels)")
     from qexport.onnx.compat import requirement
 
@@ -98,7 +100,7 @@ def to_onnx(artifact, output, form, data_name, data_dir, seed, calibration, perc
     from qexport.onnx.runner import SATURATION_SAFE_CODE
 
     top = max((int(lc.q.abs().max()) for lc in art.layers.values()), default=0)
-    if form != "weights" and top > SATURATION_SAFE_CODE:
+    if integer and top > SATURATION_SAFE_CODE:
         click.echo(f"note: codes reach ±{top}; on x86 CPUs without VNNI onnxruntime computes them exactly only with "
                    f"session.x64quantprecision=1, about half the int8 speed (`qexport run`/`verify` set it there). "
                    f"`qexport quantize --bits 7` keeps codes within ±63: exact at full speed everywhere "

@@ -351,3 +351,16 @@ def finish(b: Builder, input_shape: list[int], output_shape: list[int], meta: di
 
 def read_metadata(model) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
+
+
+def emit_float_op(ctx, op: Op, ins: list[str], out: str) -> str:
+    """The float ONNX nodes of one op and its fused BatchNorm/ReLU, the last one named `out`.
+    The whole `weights` form, and the float islands of the integer forms."""
+    from qexport.ops import KINDS  # the kinds use this module: imported when called
+
+    post = (["bn"] if op.bn is not None else []) + (["relu"] if op.relu else [])
+    y = KINDS[op.kind].onnx(ctx, op, ins, out if not post else f"{out}.core")
+    for i, p in enumerate(post):
+        name = out if i == len(post) - 1 else f"{out}.{p}_in"
+        y = bn_node(ctx.b, op.bn, op.bn_name, y, name) if p == "bn" else relu_node(ctx.b, op, y, name)
+    return y

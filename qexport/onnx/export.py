@@ -5,8 +5,8 @@ import numpy as np
 
 from qadmm.errors import UserError
 from qexport.graph import fuse
+from qexport.onnx.forms import get_form
 
-FORMS = ("weights", "qdq", "qoperator")
 DEQUANT = ("cast", "dequantizelinear")  # how the weights form dequantizes (builder.float_weight)
 
 
@@ -19,30 +19,21 @@ def export_onnx(art, form: str, x_calib: np.ndarray | None = None, calib=None, p
     `builder.float_weight`)."""
     from qexport.onnx.calibrate import CalibConfig, calibrate
 
-    if form not in FORMS:
-        raise UserError(f"unknown form {form!r}: use one of {', '.join(FORMS)}")
+    f = get_form(form)
     if dequant not in DEQUANT:
         raise UserError(f"unknown dequant {dequant!r}: use one of {', '.join(DEQUANT)}")
-    if dequant != "cast" and form != "weights":
+    if dequant != "cast" and f.integer:
         raise UserError(f"dequant {dequant!r} applies to the weights form only (form {form!r} has integer kernels)")
     if opset is not None and not 13 <= opset <= 25:
         raise UserError(f"--opset {opset}: qexport writes opsets 13 to 25")
     ops = fuse(art.graph)
-    if form == "weights":
-        from qexport.onnx.weights import export_weights
-
-        return export_weights(art, ops, opset, dequant)
-    from qexport.onnx.qoperator import check_int8
+    if not f.integer:
+        return f.export(art, ops, opset, dequant)
+    from qexport.onnx.integer_graph import check_int8
 
     check_int8(art)  # refuse before spending time on calibration
     if x_calib is None:
         raise UserError(f"--form {form} needs calibration data for the activation ranges: pass --data")
     calib = calib or CalibConfig()
     qp = calibrate(ops, x_calib, calib, progress)
-    if form == "qdq":
-        from qexport.onnx.qdq import export_qdq
-
-        return export_qdq(art, ops, qp, calib.describe(), opset)
-    from qexport.onnx.qoperator import export_qoperator
-
-    return export_qoperator(art, ops, qp, calib.describe(), opset)
+    return f.export(art, ops, qp, calib.describe(), opset)

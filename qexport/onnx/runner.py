@@ -33,14 +33,16 @@ def faithful_config(model, vnni: bool | None | str = "this cpu") -> dict[str, st
     """Session config entries that make onnxruntime compute what the qexport reference computes,
     fast, on a CPU with `vnni` (default: this one; None = not x86), read from the graph (empty
     for graphs qexport did not write, and for most qexport files)."""
+    from qexport.onnx.forms import FORMS
+
     meta = {p.key: p.value for p in model.metadata_props}
     form = meta.get("qexport.form")
     vnni = cpu_has_vnni() if vnni == "this cpu" else vnni
-    if form == "weights":
+    if form in FORMS and not FORMS[form].integer:
         # (of qexport's codes: a file another tool quantized from a qexport fp32 export keeps our metadata)
         has_dq = any(n.op_type == "DequantizeLinear" and n.input[0].endswith(".codes") for n in model.graph.node)
         return {"session.disable_quant_qdq": "1"} if has_dq else {}
-    if form in ("qdq", "qoperator") and vnni is False and max_code(model) > SATURATION_SAFE_CODE:
+    if form in FORMS and FORMS[form].integer and vnni is False and max_code(model) > SATURATION_SAFE_CODE:
         return {"session.x64quantprecision": "1"}  # costs about half the int8 speed: 7-bit codes avoid it
     return {}
 

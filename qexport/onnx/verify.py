@@ -37,13 +37,13 @@ from qadmm.errors import BadFile, UserError
 from qadmm.train import agreement
 from qexport.graph import apply_op, evaluate, fuse
 from qexport.onnx.builder import integer_layer, qname, read_metadata
+from qexport.onnx.forms import FORMS
 from qexport.onnx.integer import QParams, from_uint8, to_uint8
-from qexport.onnx.qoperator import reads_input
+from qexport.onnx.integer_graph import reads_input
 from qexport.ops import KINDS
 from qexport.ops.base import INPUT, OUTPUT, Ctx, Op
 from qexport.onnx.runner import SATURATION_SAFE_CODE, cpu_has_vnni, load_onnx, max_code
 
-FORMS = ("weights", "qdq", "qoperator")
 
 
 @dataclass
@@ -187,7 +187,7 @@ def check_initializers(model, art, ops: list[Op], qp: dict[str, QParams] | None,
         if op.kind not in ("linear", "conv") or op.name not in art.layers:
             continue
         lc = art.layers[op.name]
-        if form == "weights":
+        if not FORMS[form].integer:
             want = {"codes": lc.q.numpy(), "alpha": lc.alpha.numpy()}
         else:
             il = integer_layer(op, lc, qp[op.inputs[0]].scale)
@@ -212,7 +212,7 @@ def _settings(form: str, model) -> dict[str, tuple[str, dict[str, str]]]:
 
     config = faithful_config(model)
     out = {"optimizations_off": ("disable", {}), "optimizations_all": ("all", config)}
-    if form == "weights" and config:
+    if not FORMS[form].integer and config:
         out["ort_defaults"] = ("all", {})
     return out
 
@@ -293,12 +293,12 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
     model = model if model is not None else load_onnx(model_path)
     meta = read_metadata(model)
     form = meta.get("qexport.form")
-    if form not in FORMS:
+    if form not in FORMS:  # (a file another tool wrote, or a form this version does not know)
         raise UserError(f"{model_path} was not written by `qexport to-onnx` (no qexport.form in its metadata): "
                         f"`qexport run` evaluates any ONNX classifier, `verify` needs a qexport export")
     check_signature(model, art, model_path)
     ops = fuse(art.graph)
-    integer = form != "weights"
+    integer = FORMS[form].integer
     xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
     try:
         qp = read_qparams(model, ops) if integer else None
@@ -346,12 +346,13 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
     }
     report["initializers_differing"] = check_initializers(model, art, ops, qp, form)
     passed = report["artifact_matches_metadata"] and not report["initializers_differing"]
-    saturation_risk = form == "qoperator" and max_code(model) > SATURATION_SAFE_CODE and cpu_has_vnni() is False
+    saturation_risk = FORMS[form].always_integer_kernels and max_code(model) > SATURATION_SAFE_CODE and cpu_has_vnni() is False
     for key, (level, config) in _settings(form, model).items():
         # float islands compute in fp32 in onnxruntime's own kernels (another summation order, other
         # Erf/Exp): a QuantizeLinear after one may round a tie the other way, and deep graphs carry
         # that step on; such graphs (and unfused qdq, float convolutions) are judged layer by layer
-        layerwise = integer and (form == "qdq" and level == "disable" or bool(islands))
+        unfused = not FORMS[form].always_integer_kernels and level == "disable"  # float ops on dequantized values
+        layerwise = integer and (unfused or bool(islands))
         if layerwise:
             got, layers = _layerwise_run(model, level, config, art, ops, qp, x, batch_size)
         else:

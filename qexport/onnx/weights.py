@@ -10,20 +10,8 @@ them at load, fp32 speed under default settings) or DequantizeLinear (`dequant`,
 """
 from __future__ import annotations
 
-from qexport.onnx.builder import Builder, bn_node, finish, metadata, narrowest_type, relu_node
-from qexport.ops import KINDS
+from qexport.onnx.builder import Builder, emit_float_op, finish, metadata, narrowest_type
 from qexport.ops.base import Ctx, Op
-
-
-def emit_float_op(ctx: Ctx, op: Op, ins: list[str], out: str) -> str:
-    """The float ONNX nodes of one op and its fused BatchNorm/ReLU, the last one named `out`.
-    The whole `weights` form, and the float islands of the integer forms."""
-    post = (["bn"] if op.bn is not None else []) + (["relu"] if op.relu else [])
-    y = KINDS[op.kind].onnx(ctx, op, ins, out if not post else f"{out}.core")
-    for i, p in enumerate(post):
-        name = out if i == len(post) - 1 else f"{out}.{p}_in"
-        y = bn_node(ctx.b, op.bn, op.bn_name, y, name) if p == "bn" else relu_node(ctx.b, op, y, name)
-    return y
 
 
 def export_weights(art, ops: list[Op], opset: int | None = None, dequant: str = "cast"):

@@ -168,7 +168,7 @@ def integer_c(art, packed, qp: dict[str, QParams], calib: dict) -> CModel:
     """The C sources of `art`'s integer graph under the activation parameters `qp`; `packed` gives
     the codes' payload bytes. A UserError names every op without a C kernel."""
     from qexport.graph import fuse
-    from qexport.onnx.qoperator import check_int8, reads_input
+    from qexport.onnx.integer_graph import check_int8, reads_input
 
     check_int8(art)
     ops = fuse(art.graph)
