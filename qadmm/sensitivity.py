@@ -63,6 +63,35 @@ class Sensitivity:
         return [s.name for s in sorted(self.layers, key=lambda s: (s.metric[bits], s.sqnr_db[bits]))]
 
 
+@dataclass
+class Judge:
+    """The network's metric on test samples: accuracy with labels; without, top-1 agreement with the
+    float model's outputs `ref` (class scores) or their SQNR in dB. `judge(outputs)` scores outputs on `x`."""
+
+    x: torch.Tensor
+    ref: torch.Tensor
+    y: np.ndarray | None
+    classifier: bool
+
+    @classmethod
+    def of(cls, model: nn.Module, data: Dataset, eval_samples: int | None) -> "Judge":
+        x = torch.as_tensor(np.asarray(data.x_test[:eval_samples], np.float32))
+        ref = predict(model, x, EVAL_BATCH)
+        return cls(x, ref, np.asarray(data.y_test[:eval_samples]) if data.labelled else None,
+                   ref.dim() == 2 and data.num_classes > 0)
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.y is not None else ("top1 agreement" if self.classifier else "sqnr_db")
+
+    def __call__(self, out: torch.Tensor) -> float:
+        if self.y is not None:
+            return float((out.argmax(1).numpy() == self.y).mean() * 100)
+        a = agreement(self.ref, out, self.classifier)
+        v = a["top1_agreement"] if self.classifier else a["sqnr_db"]
+        return math.inf if v is None else float(v)  # None: identical outputs
+
+
 @torch.no_grad()
 def sensitivity(model: nn.Module, data: Dataset, bits: list[int], per_channel: bool = True, calib_samples: int = 512,
                 eval_samples: int | None = 2000, seed: int = 0, progress: bool = False, evaluate: bool = True,
@@ -72,19 +101,8 @@ def sensitivity(model: nn.Module, data: Dataset, bits: list[int], per_channel: b
     (exclude, keep_first/last) as quantization will."""
     model = model.eval()
     x = data.calibration(calib_samples, seed)
-    x_eval = torch.as_tensor(np.asarray(data.x_test[:eval_samples], np.float32))
-    y_eval = np.asarray(data.y_test[:eval_samples]) if data.labelled else None
-    ref = predict(model, x_eval, EVAL_BATCH)
-    classifier = ref.dim() == 2 and data.num_classes > 0
-
-    def score(out: torch.Tensor) -> float:
-        if y_eval is not None:
-            return float((out.argmax(1).numpy() == y_eval).mean() * 100)
-        a = agreement(ref, out, classifier)
-        v = a["top1_agreement"] if classifier else a["sqnr_db"]
-        return math.inf if v is None else float(v)  # None: identical outputs
-
-    metric = "accuracy" if y_eval is not None else ("top1 agreement" if classifier else "sqnr_db")
+    judge = Judge.of(model, data, eval_samples)
+    x_eval, ref, score, metric = judge.x, judge.ref, judge, judge.metric
     layers = select_layers(model, spec or QuantSpec(bits=max(bits), per_channel=per_channel))
     out = []
     for name, m in tqdm(layers, desc="analyze", disable=not progress):
@@ -127,17 +145,10 @@ def along(model: nn.Module, replaced: dict[str, dict[str, torch.Tensor]], data: 
     turn a small weight change into a large drop that the deployed model does not have)."""
     model = model.eval()
     x = data.calibration(calib_samples, seed)
-    x_eval = torch.as_tensor(np.asarray(data.x_test[:eval_samples], np.float32))
-    y_eval = np.asarray(data.y_test[:eval_samples]) if data.labelled else None
-    ref = predict(model, x_eval, EVAL_BATCH)
-    classifier = ref.dim() == 2 and data.num_classes > 0
+    judge = Judge.of(model, data, eval_samples)
 
     def measure(out: torch.Tensor) -> float:
-        if y_eval is not None:
-            return round(float((out.argmax(1).numpy() == y_eval).mean() * 100), 3)
-        a = agreement(ref, out, classifier)
-        v = a["top1_agreement"] if classifier else a["sqnr_db"]
-        return math.inf if v is None else float(v)
+        return round(judge(out), 3)
 
     bns = batchnorms(model) if bn_reestimate else []
     float_stats = copy.deepcopy([bn.state_dict() for bn in bns])
@@ -145,13 +156,12 @@ def along(model: nn.Module, replaced: dict[str, dict[str, torch.Tensor]], data: 
     def score() -> float:  # the model as it stands, its BatchNorm statistics re-estimated for the score only
         if bns:
             reestimate_bn(model, x)
-        out = predict(model, x_eval, EVAL_BATCH)
+        out = predict(model, judge.x, EVAL_BATCH)
         for bn, st in zip(bns, float_stats):
             bn.load_state_dict(st)
         return measure(out)
 
-    metric = "accuracy" if y_eval is not None else ("top1 agreement" if classifier else "sqnr_db")
-    float_metric = measure(ref)
+    metric, float_metric = judge.metric, measure(judge.ref)
     modules = dict(model.named_modules())
     order = [n for n, _ in select_layers(model, QuantSpec(bits=8)) if n in replaced]
     missing = sorted(set(replaced) - set(order))

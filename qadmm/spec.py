@@ -33,7 +33,7 @@ class QuantSpec:
     layer_bits: dict[str, int] = field(default_factory=dict)  # pattern -> bits for matching layers; first match wins
     exclude: tuple[str, ...] = ()  # patterns of layers left float
     seed: int = 0
-    params: dict[str, Any] = field(default_factory=dict)  # method hyperparameters overriding its defaults
+    params: Any = field(default_factory=dict)  # the method's hyperparameters: overrides by name, or its typed Params
     progress: bool = True
     calib_samples: int = 2048  # training images for calibration (GPTQ/LDNQ Hessians, BN re-estimation)
     bn_reestimate: bool | None = None  # re-estimate BatchNorm statistics afterwards; None: the method's default
@@ -44,7 +44,8 @@ class QuantSpec:
         # a bare string would be read as one pattern per character
         object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude or ()))
         object.__setattr__(self, "layer_bits", dict(self.layer_bits or {}))
-        object.__setattr__(self, "params", dict(self.params or {}))
+        if not dataclasses.is_dataclass(self.params):  # overrides by name; or the method's Params, already resolved
+            object.__setattr__(self, "params", dict(self.params or {}))
 
     # what an artifact records of the request (`meta["spec"]`; the method's params are recorded beside it)
     RECORDED = ("bits", "scheme", "per_channel", "keep_first", "keep_last", "layer_bits", "exclude", "seed",
@@ -109,7 +110,13 @@ class QuantSpec:
                 raise UserError(f"exclude pattern {pattern!r} is not a layer name or glob: use e.g. 'body.0' or 'features.*'")
 
     def resolve(self, params_cls: type[P]) -> P:
-        """The method's hyperparameter dataclass with this spec's overrides, unknown keys refused."""
+        """The method's hyperparameter dataclass with this spec's overrides, unknown keys refused (a spec
+        that already holds a `params_cls` instance, checked when it was made, gives that one)."""
+        if isinstance(self.params, params_cls):
+            return self.params
+        if dataclasses.is_dataclass(self.params):
+            raise UserError(f"hyperparameters {type(self.params).__module__}.{type(self.params).__name__} are not this "
+                            f"method's ({params_cls.__module__}.{params_cls.__name__})")
         names = {f.name: f for f in dataclasses.fields(params_cls)}
         unknown = sorted(set(self.params) - set(names))
         if unknown:

@@ -92,12 +92,12 @@ def with_normalization(model: nn.Module, pre: dict) -> nn.Module:
     return nn.Sequential(OrderedDict(normalize=Normalize(np.asarray(pre["mean"]), np.asarray(pre["std"])), body=model))
 
 
-def quantize(model: nn.Module, data: Any, request: "str | Config" = DEFAULT_METHOD, bits: int | None = None, *,
+def quantize(model: nn.Module, data: Any, method: "str | Config" = DEFAULT_METHOD, bits: int | None = None, *,
              normalize: str | Sequence | None = None, budget: Budget | None = None, progress: bool = False,
              provenance: Provenance | None = None, **request_kw: Any) -> Artifact:
     """Quantize a trained float model's weights; the artifact, in memory (`art.save(path)` writes it).
 
-    `request` is a typed request, `qexport.GPTQ(bits=4, per_channel=True, damp=0.01)` (`qexport.config`),
+    `method` is a typed request, `qexport.GPTQ(bits=4, per_channel=True, damp=0.01)` (`qexport.config`),
     or a back-end's name with the request as keywords, which make the same request:
     `quantize(model, data, "gptq", 4, per_channel=True, damp=0.01)` (bits; the spec's fields:
     scheme, per_channel, layer_bits (layer-name patterns to widths), exclude (patterns left float),
@@ -108,18 +108,17 @@ def quantize(model: nn.Module, data: Any, request: "str | Config" = DEFAULT_METH
     measures (`qexport.mixed.search`); the request's bits are then unused. `provenance` names the model,
     its float training and the command for the artifact's metadata. The model is captured first, so
     what cannot be exported is refused before any work; the caller's model is not modified."""
-    if isinstance(request, Config):
+    if isinstance(method, Config):
         if bits is not None or request_kw:
             given = ["bits"] * (bits is not None) + sorted(request_kw)
-            raise UserError(f"quantize: {', '.join(given)} given beside a {request.method} config: put them in the config")
+            raise UserError(f"quantize: {', '.join(given)} given beside a {method.method} config: put them in the config")
+        request = method
     else:
-        request = config(request, **({"bits": bits} if bits is not None else {}), **request_kw)
+        request = config(method, **({"bits": bits} if bits is not None else {}), **request_kw)
     method, spec = request.method, dataclasses.replace(request.spec, progress=progress)
     provenance = provenance or Provenance()
     seed = spec.seed
     data = as_dataset(data, seed)
-    if budget is not None:
-        budget.validate()
     pre = normalization(normalize, data)
     model = with_normalization(copy.deepcopy(model), pre).eval()
     graph = trace(model, data.input_shape)  # refuses unsupported ops now, not after minutes of work
@@ -138,9 +137,9 @@ def quantize(model: nn.Module, data: Any, request: "str | Config" = DEFAULT_METH
     work = rebuilt(graph, model) if rebuild else model
     mixed = None
     if budget is not None:
-        result, spec, mixed = search(work, data, spec, budget, lambda s: methods.quantize(method, work, data, s))
+        result, spec, mixed = search(work, data, spec, budget, lambda s: methods.run(method, work, data, s))
     else:
-        result = methods.quantize(method, work, data, spec)
+        result = methods.run(method, work, data, spec)  # checked once, when the request was made
     seconds = time.perf_counter() - t0
     return _artifact(model, graph, data, method, spec, result, seconds, pre, provenance,
                      {"mixed_precision": mixed} if mixed else {})

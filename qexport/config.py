@@ -40,11 +40,17 @@ class Config:
 
     def __post_init__(self) -> None:
         methods.check(self.method, self.spec)  # the one validation of a request
+        # from here on the hyperparameters travel typed: each back-end's `spec.resolve(Params)` returns them as they are
+        object.__setattr__(self, "spec", dataclasses.replace(self.spec, params=self.params))
 
     @property
     def params(self) -> Any:
         """The method's typed hyperparameters (defaults with this request's overrides)."""
         return self.spec.resolve(methods.get_method(self.method).Params)
+
+    def replace(self, **changes: Any) -> "Config":
+        """The same request with some of its spec's fields changed (checked again)."""
+        return Config(self.method, dataclasses.replace(self.spec, **changes))
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "params": dataclasses.asdict(self.params), "spec": self.spec.to_json()}

@@ -37,6 +37,9 @@ class Budget:
     allow_float: bool = False  # a layer may stay float (it then counts 4 B per weight)
     max_steps: int = 6  # quantizations a --max-drop search may run
 
+    def __post_init__(self) -> None:
+        self.validate()  # a Budget that exists is a valid one
+
     def validate(self) -> None:
         if self.size_bytes is None and self.avg_bits is None and self.max_drop is None:
             raise UserError("a budget needs a size (--size-budget or --avg-bits) or an accuracy (--max-drop)")
@@ -85,7 +88,6 @@ def drop_measure(model: nn.Module, data: Dataset) -> tuple[str, Callable[[nn.Mod
 def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget,
            run: Callable[[QuantSpec], QuantResult]) -> tuple[QuantResult, QuantSpec, dict]:
     """The widths under `budget` (see the module), quantized by `run(spec)`: the result, its spec and the record."""
-    budget.validate()
     if spec.layer_bits or spec.scheme not in (None, "binary", "symmetric"):
         raise UserError("a budget chooses the widths itself: drop --layer-bits and --scheme")
     choices = sorted({int(b) for b in budget.bit_choices}, reverse=True)

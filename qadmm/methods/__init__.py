@@ -57,8 +57,14 @@ def check(name: str, spec: QuantSpec) -> None:
 
 
 def quantize(name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
-    """Run back-end `name` on a trained float model, then the recalibration it asks for (see above)."""
+    """Check the request, run back-end `name` on a trained float model, then the recalibration it asks
+    for (see above)."""
     check(name, spec)
+    return run(name, model, data, spec)
+
+
+def run(name: str, model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
+    """`quantize` for a request already checked (`qexport.config.Config` checks it when it is made)."""
     return finish(name, model, get_method(name).quantize(model, data, spec), data, spec)
 
 

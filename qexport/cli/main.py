@@ -209,7 +209,6 @@ def quantize(data_name, data_dir, label_column, model_name, checkpoint, method, 
         budget = Budget(size_bytes=None if size_budget is None else parse_bytes(size_budget), avg_bits=avg_bits,
                         max_drop=max_drop, bit_choices=tuple(parse_bits(bit_choices)), allow_float=allow_float,
                         max_steps=max_steps)
-        budget.validate()
     # the whole request, checked before any training
     request = config(method, bits=bits, scheme=scheme, per_channel=per_channel, keep_first=keep_first, keep_last=keep_last,
                      seed=seed, params=parse_params(params), calib_samples=calib_samples, bn_reestimate=bn_reestimate,
