@@ -155,7 +155,7 @@ def measure(paths: dict[str, tuple[Path, dict]], data, rounds: int, runs: int, a
 def cpu_line() -> str:
     import onnxruntime as ort
 
-    from qexport.onnx.runner import cpu_has_vnni
+    from qexport.cpu import cpu_has_vnni
 
     name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
         if Path("/proc/cpuinfo").is_file() else platform.processor()

@@ -453,7 +453,7 @@ def test_typed_errors_for_api_users(made, tmp_path):
 
 
 def test_every_module_imports_on_its_own():
-    """A user's script may import any module first (`from qexport.onnx.integer import qadd`): none
+    """A user's script may import any module first (`from qexport.ops.integer import qadd`): none
     may depend on another having been imported before it (an import cycle did)."""
     code = """
 import importlib, pkgutil, sys

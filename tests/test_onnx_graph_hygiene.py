@@ -89,7 +89,8 @@ def test_pass_through_values_read_their_sources_parameters(exports):
 
 def test_builder_refuses_an_unread_initializer():
     """`finish` treats an unread initializer as an emitter bug (like an invalid graph)."""
-    from qexport.onnx.builder import Builder, finish
+    from qexport.onnx.builder import finish
+    from qexport.ops.emit import Builder
 
     b = Builder()
     b.init("orphan", np.float32(1.0))

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from qexport.onnx.runner import cpu_flags
+from qexport.cpu import cpu_flags
 from tests_helpers import run_cli
 
 N_TEST = 200
@@ -167,7 +167,7 @@ def test_qlinearadd_reference_equals_onnxruntime_on_every_input_pair():
     import torch
     from onnx import TensorProto, helper
 
-    from qexport.onnx.integer import QParams, qadd
+    from qexport.ops.integer import QParams, qadd
 
     a, b = (x.ravel() for x in np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8)))
     rng = np.random.default_rng(0)
@@ -208,11 +208,11 @@ def _tie_carried_on(art, model, x, layer: int, bump: int):
     import torch
 
     from qexport.graph import fuse
-    from qexport.onnx.builder import qname
+    from qexport.ops.emit import qname
     from qexport.onnx.verify import integer_op, read_qparams
     from qexport.ops import KINDS
     from qexport.ops.base import INPUT, Ctx
-    from qexport.onnx.integer import to_uint8
+    from qexport.ops.integer import to_uint8
 
     ops = fuse(art.graph)
     qp = read_qparams(model, ops)
@@ -253,7 +253,7 @@ def test_unfused_qdq_is_judged_layer_by_layer(resnet_qdq, digits, bump, passes):
 def test_unfused_qdq_input_stage_is_the_references(resnet_qdq, digits):
     """The raw input is quantized by the reference, not taken from onnxruntime: a graph that
     quantizes it wrongly (e.g. without the normalisation) is caught at the first stage."""
-    from qexport.onnx.builder import qname
+    from qexport.ops.emit import qname
     from qexport.onnx.verify import layerwise_steps
     from qexport.ops.base import INPUT
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from qadmm.errors import UserError
 from qexport.graph import apply_op
-from qexport.onnx.integer import QParams
+from qexport.ops.integer import QParams
 from qexport.onnx.integer_graph import reads_input
 from qexport.ops import KINDS
 from qexport.ops.base import INPUT, Op

@@ -118,7 +118,7 @@ def _needs(opset: int, ir_version: int, floors: list[tuple[str, str]]) -> tuple[
 def _type_at(dtype: str, opset: int) -> str:
     """The type the builder stores codes of ONNX type `dtype` in at `opset`: the narrowest of
     `builder.INT_TYPES` from `dtype` on that the opset allows (`builder.narrowest_type`)."""
-    from qexport.onnx.builder import INT_TYPES
+    from qexport.ops.emit import INT_TYPES
 
     names = [name for name, *_ in INT_TYPES]
     if dtype not in names:
@@ -132,7 +132,7 @@ def requirement(model, lowest_opset: int | None = None) -> Requirement:
     default: the `qexport.min_opset` metadata `builder.finish` writes, else the file's opset)."""
     from onnx import TensorProto
 
-    from qexport.onnx.builder import MIN_OPSET
+    from qexport.ops.emit import MIN_OPSET
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
     contrib = any(o.domain == "com.microsoft" for o in model.opset_import)

@@ -7,7 +7,7 @@
   values, which meet the integer kernels' results only up to a rounding tie per layer: judged layer by
   layer then.
 - `qoperator`: onnxruntime's QLinear* operators, integer kernels always; judged end to end against the
-  integer reference (`qexport.onnx.integer`).
+  integer reference (`qexport.ops.integer`).
 The integer forms need calibration data (activation ranges) and int8 codes.
 """
 from __future__ import annotations

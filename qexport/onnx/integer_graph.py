@@ -4,7 +4,8 @@ float op -> QuantizeLinear), and the end (DequantizeLinear of the output)."""
 from __future__ import annotations
 
 from qadmm.errors import UserError
-from qexport.onnx.builder import Builder, QParamInits, emit_float_op, finish, metadata, qname
+from qexport.onnx.builder import finish, metadata
+from qexport.ops.emit import Builder, QParamInits, emit_float_op, qname
 from qexport.ops import KINDS
 from qexport.ops.base import INPUT, OUTPUT, Ctx, Op
 

@@ -11,7 +11,7 @@ dequantized values, which agrees with the integer kernels up to one step at roun
 """
 from __future__ import annotations
 
-from qexport.onnx.builder import qname, relu_node
+from qexport.ops.emit import qname, relu_node
 from qexport.onnx.integer_graph import end_integer_graph, float_island, start_integer_graph
 from qexport.ops import KINDS
 from qexport.ops.base import Op

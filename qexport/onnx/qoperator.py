@@ -13,7 +13,7 @@ float op -> QuantizeLinear.
 """
 from __future__ import annotations
 
-from qexport.onnx.builder import qname
+from qexport.ops.emit import qname
 from qexport.onnx.integer_graph import end_integer_graph, float_island, start_integer_graph
 from qexport.ops import KINDS
 from qexport.ops.base import Op

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from qadmm.errors import BadData, BadFile, UserError
+from qexport.cpu import cpu_has_vnni
 
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 # What keeps qexport's graphs faithful to the reference and fast (see docs/onnx.md). A `weights`
@@ -55,24 +56,6 @@ def max_code(model) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as Linux lists them (empty when they cannot be read): onnxruntime
-    picks its integer kernels by them, so the integer reference must too."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split())
-    except OSError:
-        return frozenset()
-
-
-def cpu_has_vnni() -> bool | None:
-    """Whether this x86 CPU has VNNI (no int16 saturation); None when it cannot be told."""
-    flags = cpu_flags()
-    if "avx2" not in flags:
-        return None  # not x86 (ARM dot-product kernels do not saturate)
-    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
-
-
 def load_onnx(path: str | Path):
     """An ONNX model from a file, checked for what every command needs (a graph with one input
     and an output, weights inside the file); a BadFile for anything else. Nothing it names runs."""

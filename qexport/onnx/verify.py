@@ -36,13 +36,15 @@ import torch
 from qadmm.errors import BadFile, UserError
 from qadmm.train import agreement
 from qexport.graph import apply_op, evaluate, fuse
-from qexport.onnx.builder import integer_layer, qname, read_metadata
+from qexport.onnx.builder import read_metadata
+from qexport.ops.emit import integer_layer, qname
 from qexport.onnx.forms import FORMS
-from qexport.onnx.integer import QParams, from_uint8, to_uint8
+from qexport.ops.integer import QParams, from_uint8, to_uint8
 from qexport.onnx.integer_graph import reads_input
 from qexport.ops import KINDS
 from qexport.ops.base import INPUT, OUTPUT, Ctx, Op
-from qexport.onnx.runner import SATURATION_SAFE_CODE, cpu_has_vnni, load_onnx, max_code
+from qexport.cpu import cpu_has_vnni
+from qexport.onnx.runner import SATURATION_SAFE_CODE, load_onnx, max_code
 
 
 
@@ -56,7 +58,7 @@ class Tolerance:
 
 
 # ---------------------------------------------------------------------------------------------
-# The integer reference (ORT x86 arithmetic, `qexport.onnx.integer`), op by op through the kinds.
+# The integer reference (ORT x86 arithmetic, `qexport.ops.integer`), op by op through the kinds.
 
 @torch.no_grad()
 def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor,

@@ -10,7 +10,8 @@ them at load, fp32 speed under default settings) or DequantizeLinear (`dequant`,
 """
 from __future__ import annotations
 
-from qexport.onnx.builder import Builder, emit_float_op, finish, metadata, narrowest_type
+from qexport.onnx.builder import finish, metadata
+from qexport.ops.emit import Builder, emit_float_op, narrowest_type
 from qexport.ops.base import Ctx, Op
 
 

@@ -7,8 +7,8 @@ import operator
 import numpy as np
 import torch
 
-from qexport.onnx.builder import MS_DOMAIN
-from qexport.onnx.integer import qadd, qadd_constants
+from qexport.ops.emit import MS_DOMAIN
+from qexport.ops.integer import qadd, qadd_constants
 from qexport.ops.base import Ctx, Kind, Op, Unsupported
 
 

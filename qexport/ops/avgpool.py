@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qexport.onnx.builder import MS_DOMAIN
-from qexport.onnx.integer import qgap, qgap_scale
+from qexport.ops.emit import MS_DOMAIN
+from qexport.ops.integer import qgap, qgap_scale
 from qexport.ops.base import Ctx, Kind, Op, Unsupported, arg, pair
 
 ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)

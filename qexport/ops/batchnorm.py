@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from qexport.onnx.builder import bn_node
+from qexport.ops.emit import bn_node
 from qexport.ops.base import Ctx, Kind, Op, Unsupported
 
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qexport.onnx.builder import float_bias, float_weight, int_weight, integer_layer
-from qexport.onnx.integer import qlinear
+from qexport.ops.emit import float_bias, float_weight, int_weight, integer_layer
+from qexport.ops.integer import qlinear
 from qexport.ops.base import Ctx, Kind, Op, Unsupported
 from qexport.ops.linear import dq_weight_and_bias
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qexport.onnx.builder import MS_DOMAIN, float_bias, float_weight, int_weight, integer_layer
-from qexport.onnx.integer import qlinear
+from qexport.ops.emit import MS_DOMAIN, float_bias, float_weight, int_weight, integer_layer
+from qexport.ops.integer import qlinear
 from qexport.ops.base import Ctx, Kind, Op, Unsupported
 
 

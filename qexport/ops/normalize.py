@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from qadmm.zoo import Normalize as NormalizeModule
-from qexport.onnx.integer import QParams
+from qexport.ops.integer import QParams
 from qexport.ops.base import Ctx, Kind, Op
 
 ALIGNED = 1e-3  # |mean/S - k| below this counts as whole (it only shifts the grid by that much of a step)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from qadmm.errors import UserError
-from qexport.onnx.integer import QParams
+from qexport.ops.integer import QParams
 from qexport.ops import KINDS
 from qexport.ops.base import INPUT, OUTPUT, Op
 from qexport.pack.bitpack import SIGN
@@ -99,7 +99,7 @@ class CGen:
     def layer(self, op: Op, il, geometry: dict[str, int]) -> str:
         """A `qi_conv_t` for a quantized conv/linear: the packed codes, the sign of a folded
         BatchNorm, the int32 bias and the requantization multipliers (x_s·w_s)/y_s in fp32, computed
-        as `qexport.onnx.integer.qlinear` computes them. Returns the struct's name."""
+        as `qexport.ops.integer.qlinear` computes them. Returns the struct's name."""
         lay = self.packed[op.name]
         px, py = self.qp[op.inputs[0]], self.qp[op.out]
         cout = il.q.shape[0]

@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from qexport.onnx.builder import IntLayer
-from qexport.onnx.runner import cpu_flags
+from qexport.ops.emit import IntLayer
+from qexport.cpu import cpu_flags
 
 
 @dataclass(frozen=True)
