@@ -282,3 +282,17 @@ def test_each_run_says_what_it_was_judged_against(resnet_qdq, digits):
         assert r["reference"].startswith("the graph in float64")
         # the allowance is PyTorch's own fp32 error on this model (8x), and never below --rel-tol
         assert r["rel_allowed"] == max(1e-5, 8 * r["rel_error_pytorch_fp32"]) and r["rel_error"] <= r["rel_allowed"]
+
+
+def test_a_file_written_again_at_the_same_path_is_read_again(art4, digits, tmp_path):
+    """verify reads the file as it is now: a corrupted file written over a good one at the same path
+    (a notebook re-exporting) fails, and the good one written back passes."""
+    import qexport
+    from qexport.onnx.calibrate import CalibConfig
+    from qexport.onnx.export import export_onnx
+
+    path = tmp_path / "m.onnx"
+    good = export_onnx(art4, "weights", digits.x_train, CalibConfig(num_batches=4))
+    for model, passes in ((good, True), (_edit(good, "body.3.codes", flip_one_code), False), (good, True)):
+        onnx.save(model, str(path))
+        assert qexport.verify(path, art4, digits, max_samples=N_TEST)["passed"] is passes

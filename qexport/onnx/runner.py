@@ -55,10 +55,20 @@ def max_code(model) -> int:
     return max((int(np.abs(c.astype(np.int64)).max(initial=0)) for c in codes), default=0)
 
 
-@functools.lru_cache(maxsize=1)
 def load_onnx(path: str | Path):
     """An ONNX model from a file, checked for what every command needs (a graph with one input
-    and an output, weights inside the file); a BadFile for anything else. Nothing it names runs."""
+    and an output, weights inside the file); a BadFile for anything else. Nothing it names runs.
+    The last file read is kept (a command reads it more than once), keyed by the file's identity
+    and modification, so a file written again at the same path is read again."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return _load_onnx(str(path), None)  # (read_bytes says what is wrong with the path)
+    return _load_onnx(str(path), (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_onnx(path: str, identity: tuple | None):
     import onnx
 
     from qexport.fileio import read_bytes
