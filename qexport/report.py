@@ -56,6 +56,7 @@ def _check_record(rec: Any, where: str) -> None:
     _need(_integer(cell.get("seed")), where, f"cell.seed must be an integer, got {cell.get('seed')!r}")
     _need(isinstance(cell.get("per_channel", False), bool), where, "cell.per_channel must be true or false")
     _need(isinstance(cell.get("params", {}), dict), where, "cell.params must be a JSON object")
+    _need(isinstance(cell.get("spec", {}), dict), where, "cell.spec must be a JSON object")
     status = rec.get("status")
     _need(status in ("ok", "error"), where, f"status must be 'ok' or 'error', got {status!r}")
     if status == "error":
@@ -169,7 +170,7 @@ def aggregate(results: Iterable[dict]) -> list[Row]:
     for r in split_results(results)[0]:
         c = r["cell"]
         key = (c["dataset"], c["model"], c["method"], r["scheme"], c.get("per_channel", False), c["bits"],
-               _variant(c.get("params") or {}))
+               _variant({**(c.get("params") or {}), **(c.get("spec") or {})}))  # a [spec] axis is a variant too
         groups.setdefault(key, []).append(r)
     rows = []
     for key, recs in groups.items():
@@ -443,8 +444,8 @@ def _describe_cell(r: dict) -> str:
         parts.append(str(c["scheme"]))
     if c.get("per_channel"):
         parts.append("per-channel")
-    if c.get("params"):
-        parts.append(_variant(c["params"]))
+    if c.get("params") or c.get("spec"):
+        parts.append(_variant({**(c.get("params") or {}), **(c.get("spec") or {})}))
     parts.append(f"seed {c['seed']}")
     error = " ".join((r.get("error") or "no error message").split())
     return f"{', '.join(parts)}: {error}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -72,10 +73,26 @@ class Cell:
     per_channel: bool
     seed: int
     export: str | None
+    spec: dict = field(default_factory=dict)  # other QuantSpec fields of the request (the config's [spec] axes)
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        # (a cell with no [spec] axes keeps the key it had before they existed)
+        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def record(self) -> dict:
+        """The cell as its results line names it (no `spec` where the grid has no [spec] axes)."""
+        d = dataclasses.asdict(self)
+        if not d["spec"]:
+            del d["spec"]
+        return d
+
+    def request(self, device: str = "cpu"):
+        """The whole request of this cell, a `qexport.config.Config`: any QuantSpec field is a grid axis."""
+        from qexport.config import config
+
+        return config(self.method, bits=self.bits, scheme=self.scheme, per_channel=self.per_channel, params=self.params,
+                      seed=self.seed, device=device, **self.spec)
 
 
 @dataclass
@@ -96,6 +113,8 @@ class SweepConfig:
     float_patience: int = 30
     verify_samples: int | None = None  # test samples for verify (default: the whole test split)
     device: str = "cpu"  # where the back-ends that train run (cpu, cuda, cuda:1 ...), as `quantize --device`
+    # any other QuantSpec field as an axis: {"keep_first": [False, True], "layer_bits": [{}, {"body.0": 8}], ...}
+    spec: dict[str, list] = field(default_factory=dict)
     source: str = ""  # where the config came from, recorded in every line
     base: str | None = None  # the config's folder: dataset files are named relative to it
 
@@ -132,9 +151,15 @@ class SweepConfig:
                         for bits in self.bits:
                             for scheme in self.schemes:
                                 for pc in self.per_channel:
-                                    out.append(Cell(ds, m.label, name, {**budget, **params}, bits, scheme, pc, seed,
-                                                    self.export))
+                                    for spec in self.spec_values():
+                                        out.append(Cell(ds, m.label, name, {**budget, **params}, bits, scheme, pc, seed,
+                                                        self.export, spec))
         return out
+
+    def spec_values(self) -> list[dict]:
+        """Every combination of the [spec] axes (one empty one without)."""
+        names = sorted(self.spec)
+        return [dict(zip(names, combo)) for combo in itertools.product(*(self.spec[n] for n in names))]
 
     def floats(self) -> list[tuple[str, ModelSpec, int]]:
         """The (dataset, model, seed) float models to train before the cells (checkpoints need none)."""
@@ -144,6 +169,8 @@ class SweepConfig:
 # ---------------------------------------------------------------- the config file
 
 KEYS = {f.name for f in dataclasses.fields(SweepConfig)} - {"source", "base"}
+# the QuantSpec fields a [spec] table may vary (the others have keys of their own, or are the run's: progress, device)
+SPEC_AXES = ("layer_bits", "exclude", "keep_first", "keep_last", "calib_samples", "bn_reestimate", "bias_correction")
 REQUIRED = ("datasets", "models", "methods", "bits", "seeds")
 
 
@@ -167,7 +194,6 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
     `base` (the config file's folder)."""
     from qadmm import methods as registry
     from qadmm.data import NAMES as DATASETS
-    from qadmm.spec import QuantSpec
 
     unknown = sorted(set(raw) - KEYS)
     if unknown:
@@ -236,7 +262,17 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
     export = raw.get("export", False)
     if export is not False and export not in FORMS:
         raise BadValue(f"{where}: export = {export!r}: use false or one of {', '.join(FORMS)}")
+    spec_axes = raw.get("spec", {})
+    if not isinstance(spec_axes, dict):
+        raise BadValue(f"{where}: [spec] is a table of QuantSpec fields, each a list of values, e.g. keep_first = [false, true]")
+    for k, v in spec_axes.items():
+        if k not in SPEC_AXES:
+            raise BadValue(f"{where}: [spec] {k!r} is not a field a cell varies; use one of {', '.join(SPEC_AXES)} "
+                           "(bits, schemes, per_channel, seeds and methods have their own keys)")
+        if not isinstance(v, list) or not v:
+            raise BadValue(f"{where}: [spec] {k} must be a non-empty list of values, e.g. {k} = [...]")
     cfg = SweepConfig(datasets, models, entries, bits, seeds, schemes, per_channel, export or None,
+                      spec={k: list(v) for k, v in spec_axes.items()},
                       source=where, data_dir=path(raw.get("data_dir")) or raw.get("data_dir"),
                       base=None if base is None else str(base))
     for key in ("budget", "float_epochs", "float_batch_size", "float_patience", "verify_samples"):
@@ -255,15 +291,15 @@ def parse_config(raw: dict, where: str = "config", base: Path | None = None) -> 
     for s in seeds:
         if not 0 <= s < 2**32:
             raise BadValue(f"{where}: seed {s} must be in 0..2^32-1")
-    for name, params in entries:  # bits, schemes and hyperparameters as `qexport quantize` checks them, before any work
+    for name, params in entries:  # every request as `qexport quantize` checks it, before any work
         for b in bits:
             for sc in schemes:
-                try:
-                    registry.check(name, QuantSpec(bits=b, scheme=sc, params=params, progress=False, device=cfg.device))
-                    QuantSpec(bits=b, scheme=sc, params=params).resolve(registry.get_method(name).Params)
-                except UserError as e:
-                    msg = str(e).replace("use --device cpu", 'use device = "cpu"')  # the config's words, not the CLI's
-                    raise BadValue(f"{where}: {name} at {b} bits: {msg}") from None
+                for extra in cfg.spec_values():
+                    try:
+                        Cell("", "", name, params, b, sc, False, 0, None, extra).request(cfg.device)
+                    except (UserError, TypeError, ValueError) as e:
+                        msg = str(e).replace("use --device cpu", 'use device = "cpu"')  # the config's words, not the CLI's
+                        raise BadValue(f"{where}: {name} at {b} bits{' with ' + json.dumps(extra) if extra else ''}: {msg}") from None
     return cfg
 
 
@@ -369,7 +405,7 @@ def run_cell(cell: Cell, job: Job) -> dict:
     """Quantize (and export + verify) one cell; its results line. Never raises: a failure is the
     line's `error` (one line), so one bad cell cannot stop a sweep."""
     t0 = time.perf_counter()
-    rec: dict[str, Any] = {"schema": SCHEMA, "key": cell.key, "cell": dataclasses.asdict(cell), "config": job.source}
+    rec: dict[str, Any] = {"schema": SCHEMA, "key": cell.key, "cell": cell.record(), "config": job.source}
     try:
         rec.update(_quantize_cell(cell, job))
         rec["status"], rec["error"] = "ok", None
@@ -386,7 +422,6 @@ def run_cell(cell: Cell, job: Job) -> dict:
 def _quantize_cell(cell: Cell, job: Job) -> dict:
     from qexport import api
     from qexport.checkpoint import load_checkpoint
-    from qexport.config import config
     from qexport.provenance import Provenance, is_user_model
     from qexport.workflow import float_model, load_data
 
@@ -401,9 +436,7 @@ def _quantize_cell(cell: Cell, job: Job) -> dict:
             model, name, source = float_model(data, m.name, m.checkpoint, cell.seed, None, 3e-3, 32, 30, False)
         user = is_user_model(m.name) and bool(m.checkpoint)
         t0 = time.perf_counter()
-        request = config(cell.method, bits=cell.bits, scheme=cell.scheme, per_channel=cell.per_channel, params=cell.params,
-                         seed=cell.seed, device=job.device)
-        art = api.quantize(model, data, request, normalize=m.normalize if user else None,
+        art = api.quantize(model, data, cell.request(job.device), normalize=m.normalize if user else None,
                            provenance=Provenance(name, source, "qexport sweep"))
         seconds = {"quantize": round(time.perf_counter() - t0, 3)}
         out: dict[str, Any] = {"scheme": art.meta["spec"]["scheme"], "float_acc": art.meta["accuracy"]["float_test"],

@@ -117,6 +117,8 @@ def test_export_and_verify_per_cell_then_the_report_renders(minimal, tmp_path):
     ("datasets = [\n", "not valid TOML"),
     (MINIMAL.replace('"mlp-digits"', '"nonet.py:make"'), "model file"),
     (MINIMAL.replace('"mlp-digits"', '{name = "mlp-digits", normalize = "zscore"}'), "normalize = 'zscore'"),
+    (MINIMAL + "[spec]\ncolour = [1]\n", "[spec] 'colour' is not a field a cell varies"),
+    (MINIMAL + "[spec]\nlayer_bits = [{\"body.1\" = 9}]\n", "a bit width must be an integer from 1 to 8"),
 ])
 def test_bad_configs_are_refused_in_one_line(tmp_path, text, message):
     (tmp_path / "grid.toml").write_text(text)
@@ -183,3 +185,20 @@ def test_a_worker_that_dies_stops_the_sweep_with_one_line_and_keeps_finished_cel
     assert "the 2 cells finished are in" in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert [x["cell"]["model"] for x in lines(out)] == ["mlp-digits", "mlp-digits"]
+
+
+def test_any_spec_field_is_a_grid_axis(tmp_path):
+    """[spec] varies QuantSpec fields the other keys do not: each combination is its own cell, its
+    own request, its own row of the report."""
+    (tmp_path / "grid.toml").write_text(MINIMAL.replace("bits = [2, 4]", "bits = [2]") +
+                                        '[spec]\nlayer_bits = [{}, {"body.1" = 8}]\nkeep_last = [false, true]\n')
+    r = invoke("sweep", str(tmp_path / "grid.toml"), "-o", str(tmp_path / "r.jsonl"), "-q")
+    assert r.exit_code == 0, r.output
+    recs = lines(tmp_path / "r.jsonl")
+    assert sorted((json.dumps(x["cell"]["spec"]["layer_bits"]), x["cell"]["spec"]["keep_last"]) for x in recs) == [
+        ('{"body.1": 8}', False), ('{"body.1": 8}', True), ("{}", False), ("{}", True)]
+    assert len({x["key"] for x in recs}) == 4 and len({x["codes_hash"] for x in recs}) == 4
+    r = invoke("report", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "rep"))
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.count("| 2 | ptq") == 4  # four rows, not one mean over four different requests
