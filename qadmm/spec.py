@@ -134,23 +134,19 @@ class QuantSpec:
                 kw[k] = v.lower() in ("1", "true", "yes", "on")
         out = params_cls(**kw)  # the method's own checks first: their messages are the most specific
         for k, v in kw.items():
-            _check_number(k, v, names[k].default)
+            _check_number(k, v, names[k].default, getattr(params_cls, "POSITIVE", ()))
         return out
 
 
-# Hyperparameters that are meaningless at 0 (a step size, a penalty, a count of rounds or samples).
-POSITIVE = ("lr", "grid_lr", "rho", "rho_end", "rho_growth", "batch_size", "block_size", "iters", "max_iter", "epochs",
-            "updates", "min_steps", "inner_epochs")
-
-
-def _check_number(name: str, value: Any, default: Any) -> None:
+def _check_number(name: str, value: Any, default: Any, positive: tuple[str, ...] = ()) -> None:
     """Numeric hyperparameters are rates, penalties, counts and shares: finite and never negative;
-    positive for those in POSITIVE (0 elsewhere switches an option off, e.g. retrain_epochs=0)."""
+    positive for those the method's Params lists in `POSITIVE` (0 elsewhere switches an option off,
+    e.g. retrain_epochs=0)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if not math.isfinite(value):
         raise BadValue(f"hyperparameter {name}={value}: must be a finite number")
-    if name in POSITIVE and value <= 0:
+    if name in positive and value <= 0:
         raise BadValue(f"hyperparameter {name}={value}: must be positive (default {default})")
     if value < 0:
         raise BadValue(f"hyperparameter {name}={value}: must be 0 or positive (default {default})")

@@ -11,6 +11,7 @@ others at their previous value. The final codes are the hard projection through 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from qadmm.spec import QuantResult, QuantSpec
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size", "rho", "rho_end", "updates")  # meaningless at 0: step sizes, penalties, counts
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 32

@@ -13,6 +13,7 @@ stays at its start value for `constant_share` of the run's steps, then shrinks g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from qadmm.spec import QuantResult, QuantSpec
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "lr", "grid_lr", "batch_size")  # meaningless at 0: step sizes, penalties, counts
     epochs: int = 30
     lr: float = 1e-3  # Adam on the float parameters (biases, BatchNorm)
     grid_lr: float = 1e-2  # Adam on the quantized weights, in grid units (a level step is 1; binary's is 2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from scipy.linalg import lapack
@@ -36,6 +37,7 @@ from qadmm.spec import QuantResult, QuantSpec
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("block_size",)  # meaningless at 0: step sizes, penalties, counts
     damp: float = 0.01  # H += damp·mean(diag H)·I before inverting (the paper's 1 %)
     block_size: int = 128  # columns per lazy batch update
     act_order: bool = False  # round columns by decreasing H_jj (helps LLMs; measured neutral on small CNNs)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -46,6 +47,7 @@ from qadmm.train import check_loss, predict, seed_everything
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("iters", "rho", "rho_growth", "batch_size")  # meaningless at 0: step sizes, penalties, counts
     iters: int = 100  # ADMM rounds per layer (cap)
     patience: int = 3  # stop after this many rounds without a better G (the paper's rule)
     rho: float = 1.0  # ρ⁰ = rho·mean(diag H)

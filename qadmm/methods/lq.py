@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ from qadmm.train import batches, check_loss, device_of, evaluate, seed_everythin
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("iters", "inner_epochs", "rho", "rho_growth", "lr", "batch_size", "min_steps")  # meaningless at 0: step sizes, penalties, counts
     # Defaults measured on pendigits/seeds/digits (thesis scheme, 1-8 bits); see docs/lq.md.
     iters: int = 20  # ADMM rounds per layer (cap)
     inner_epochs: float = 1.0  # W-step length in passes over the training set (fractions allowed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 from functools import partial
 
 import torch
@@ -34,6 +35,7 @@ from qadmm.spec import QuantResult, QuantSpec
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size")  # meaningless at 0: step sizes, penalties, counts
     epochs: int = 30
     lr: float = 1e-3  # Adam on ũ (grid units) and on the float parameters
     batch_size: int = 32

@@ -6,6 +6,7 @@ Per step, not per epoch: a 1-epoch budget froze at its very end, leaving BatchNo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from qadmm.spec import QuantResult, QuantSpec
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size")  # meaningless at 0: step sizes, penalties, counts
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 32

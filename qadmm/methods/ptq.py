@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -19,6 +20,7 @@ from qadmm.spec import LayerCodes, QuantResult, QuantSpec, apply_codes
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("max_iter",)  # meaningless at 0: step sizes, penalties, counts
     max_iter: int = 30  # alternating α/Q rounds per start
     patience: int = 3  # stop after this many non-improving rounds
 

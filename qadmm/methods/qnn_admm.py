@@ -18,6 +18,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from qadmm.zoo import mlp_layers
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size",)  # meaningless at 0: step sizes, penalties, counts
     """Defaults chosen by measurement (docs/qnn-admm.md): thesis scheme, Seeds/Pendigits/MNIST-10k,
     bits 8/2/1. Exact W/a solves and a multiplier on every W_l = G_l beat the thesis configuration
     (linearised steps, λ on z_L only) most at 1-2 bits, e.g. Pendigits 1 bit 69.6% vs 49.1% (3 seeds)."""

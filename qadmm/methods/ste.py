@@ -5,6 +5,7 @@ alternating fit, thesis Algorithm 4); the epoch whose quantized model is best on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from qadmm.spec import QuantResult, QuantSpec
 
 @dataclass
 class Params:
+    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size")  # meaningless at 0: step sizes, penalties, counts
     epochs: int = 30
     lr: float = 1e-3  # Adam on the float shadow weights (and all float parameters)
     batch_size: int = 32
