@@ -5,6 +5,7 @@ float32 scale, either one per tensor or one per output channel (axis 0).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -199,16 +200,22 @@ def _coarsest(q: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 @contextmanager
 def one_thread():
-    """torch on one thread inside the block. The fit's row sums are then added in the same order
-    on every machine (with 2 threads 12 of 74 zoo layers got other codes than with 1), and the
-    thousands of small operations of the alternation no longer wait at OpenMP barriers for a
-    thread that another job on the machine holds (benchmarks/calib_speed.py: 4x slower under load)."""
+    """torch on one thread inside the block (it yields the number of threads before). The fit's row
+    sums are then added in the same order on every machine (with 2 threads 12 of 74 zoo layers got
+    other codes than with 1), and the thousands of small operations of the alternation no longer
+    wait at OpenMP barriers for a thread that another job on the machine holds
+    (benchmarks/calib_speed.py: 4x slower under load)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield before
     finally:
         torch.set_num_threads(before)
+
+
+# A fit of at least this many weights runs its starts side by side, one start per thread (each
+# start on one thread, so its codes are the same as run alone; the starts are compared in order).
+PARALLEL_STARTS = 2**16
 
 
 def fit(
@@ -231,11 +238,12 @@ def fit(
     ADMM iteration's α) only that start is used: the fast path for repeated calls. Runs on one
     thread (`one_thread`): the same codes on every machine.
     """
-    with one_thread():
-        return _fit(v, codes, per_channel, alpha0, max_iter, patience)
+    with one_thread() as threads:
+        return _fit(v, codes, per_channel, alpha0, max_iter, patience, threads)
 
 
-def _fit(v: torch.Tensor, codes: CodeSet, per_channel: bool, alpha0: torch.Tensor | None, max_iter: int, patience: int) -> Fit:
+def _fit(v: torch.Tensor, codes: CodeSet, per_channel: bool, alpha0: torch.Tensor | None, max_iter: int, patience: int,
+         workers: int = 1) -> Fit:
     if not torch.isfinite(v).all():
         raise ValueError("cannot quantize a tensor with NaN or infinite values")
     shape = v.shape
@@ -256,10 +264,16 @@ def _fit(v: torch.Tensor, codes: CodeSet, per_channel: bool, alpha0: torch.Tenso
         else:
             ks = [torch.full_like(safe_max, codes.qmax), *_screen(rows, codes, safe_max, tol)]
         starts = [safe_max / k for k in ks] + [mean_start]
+    def run(a0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _alternate(rows, codes, torch.where(a0 > 0, a0, safe_max / codes.qmax), max_iter, patience)
+
+    if workers > 1 and len(starts) > 1 and rows.numel() >= PARALLEL_STARTS:
+        with ThreadPoolExecutor(max_workers=min(workers, len(starts))) as pool:
+            results = list(pool.map(run, starts))
+    else:
+        results = [run(a0) for a0 in starts]
     best = None
-    for a0 in starts:
-        a0 = torch.where(a0 > 0, a0, safe_max / codes.qmax)
-        a, q, e = _alternate(rows, codes, a0, max_iter, patience)
+    for a, q, e in results:  # in the order of the starts, whichever finished first
         if best is None:
             best = (a, q, e)
         else:

@@ -137,3 +137,22 @@ def test_more_bits_fit_better():
     v = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
     errs = [fit(v, CodeSet(b)).error for b in range(2, 9)]
     assert all(a > b for a, b in zip(errs, errs[1:]))
+
+
+@pytest.mark.parametrize("bits, per_channel", [(8, True), (4, False), (2, True)])
+def test_starts_side_by_side_give_the_codes_of_one_after_another(bits, per_channel):
+    """A large fit runs its starts on several threads (each start on one): the same codes, scales and
+    error as one thread running them in turn."""
+    from qadmm.codes import PARALLEL_STARTS, _fit
+
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(256, PARALLEL_STARTS // 256 * 2, generator=gen) * torch.rand(256, 1, generator=gen)
+    cs = CodeSet.default(bits)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _fit(w, cs, per_channel, None, 30, 3, workers=1)
+        two = _fit(w, cs, per_channel, None, 30, 3, workers=3)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.q, two.q) and torch.equal(one.alpha, two.alpha) and one.error == two.error
