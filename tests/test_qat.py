@@ -103,3 +103,34 @@ def test_readme_example(shared_data, tmp_path, monkeypatch):
     art = scope["art"]
     assert art.meta["accuracy"]["quantized_test"] >= 80.0 and (tmp_path / "qat.onnx").is_file()
     assert all(lc.codes.bits == 2 for lc in art.layers.values())
+
+
+def test_a_model_only_torch_export_captures_trains_in_your_loop_and_verifies(digits, tmp_path):
+    """Channel shuffle, chunk, permute, a parameter used in forward (tests/test_capture.py's Shuffle):
+    prepared, trained by a plain loop, converted; the file's three forms verify."""
+    from test_capture import Shuffle
+
+    data = (digits.x_train / 16.0, digits.y_train, digits.x_test / 16.0, digits.y_test)
+    x, y = torch.tensor(data[0], dtype=torch.float32), torch.tensor(data[1])
+
+    def epochs(model, opt, n):
+        for _ in range(n):
+            model.train()
+            for idx in torch.randperm(len(x)).split(64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+
+    torch.manual_seed(0)
+    model = Shuffle()
+    epochs(model, torch.optim.Adam(model.parameters(), lr=3e-3), 8)  # float
+    model = qexport.prepare(model.eval(), "ste", 2, per_channel=True, steps=2 * 21, input_shape=(1, 8, 8))
+    epochs(model, qexport.optimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3)), 2)
+    art = qexport.convert(model, data)
+    acc = art.meta["accuracy"]
+    assert art.meta["architecture"]["capture"] == "torch.export" and acc["quantized_test"] > 80, acc
+    art.save(tmp_path / "m.qx.safetensors")
+    art = qexport.load(tmp_path / "m.qx.safetensors")
+    for form in ("weights", "qdq", "qoperator"):
+        qexport.to_onnx(art, tmp_path / f"{form}.onnx", form=form, calib_data=data)
+        assert qexport.verify(tmp_path / f"{form}.onnx", art, data)["passed"], form
