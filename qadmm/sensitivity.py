@@ -211,9 +211,13 @@ def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_b
     and makes the predicted loss Σ_l ε_l small, with ε_l = 10^(−SQNR_l/10) the layer's relative
     output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) (0 for a float layer): a second-order, Hessian-based
     sensitivity as in HAWQ-V3 (Yao et al., ICML 2021, which weighs the loss Hessian and solves an
-    integer program). Here the allocation is the greedy of the multiple-choice knapsack: every layer
-    starts at its narrowest width, then the upgrade with the largest drop of ε per added byte that
-    still fits is taken, until none fits. A UserError when even the narrowest widths do not fit."""
+    integer program). With one limit the allocation is that multiple-choice knapsack solved exactly
+    (`knapsack`, dynamic programming over the limit). With both, it is the knapsack's greedy: every
+    layer starts at its narrowest width, then the upgrade with the largest drop of ε per added byte
+    that still fits is taken, until none fits (the greedy can spend the budget on small upgrades and
+    leave none for a large layer's: on the digits MLP at 4.4 KB and 7.2 KB it scored 96.38 % and
+    96.66 % where the exact allocation scores 96.66 % and 96.94 %). A UserError when even the
+    narrowest widths do not fit."""
     from qadmm.errors import UserError
 
     def eps(s: LayerSensitivity, b: int) -> float:
@@ -232,6 +236,10 @@ def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_b
                             f"layer at {narrow} bit(s)): raise --size-budget or allow narrower --bit-choices")
         raise UserError(f"an average of {max_bits / max(sum(s.params for s in layers), 1):.3g} bits is below the narrowest "
                         f"width allowed ({narrow}): raise --avg-bits or allow narrower --bit-choices")
+    if (max_bytes is None) != (max_bits is None):  # one limit: the exact optimum
+        k, limit = (0, max_bytes) if max_bytes is not None else (1, max_bits)
+        picks = knapsack([[(cost(s, b)[k], eps(s, b)) for b in options[s.name]] for s in layers], limit)
+        return {s.name: options[s.name][j] for s, j in zip(layers, picks)}
     while True:
         best = None
         for s in layers:
@@ -249,3 +257,38 @@ def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_b
         old, new = cost(s, choice[s.name]), cost(s, b)
         used = [used[k] + new[k] - old[k] for k in (0, 1)]
         choice[s.name] = b
+
+
+def knapsack(items: list[list[tuple[int, float]]], limit: int) -> list[int]:
+    """One option per item, options given as (weight, value), minimising Σ value with Σ weight ≤ limit:
+    the multiple-choice knapsack solved exactly by dynamic programming over the total weight (in
+    units of the weights' greatest common divisor). Of equally good choices, the lightest; the first
+    options (which must fit together) are the fallback."""
+    g = 0
+    for opts in items:
+        for w, _ in opts:
+            g = math.gcd(g, int(w))
+    g = max(g, 1)
+    cap = int(limit) // g
+    best = np.full(cap + 1, np.inf)  # best[c]: the least Σ value of the items so far weighing exactly c·g
+    best[0] = 0.0
+    picks = np.zeros((len(items), cap + 1), np.int16)
+    for i, opts in enumerate(items):
+        new = np.full(cap + 1, np.inf)
+        for j, (w, v) in enumerate(opts):
+            w = int(w) // g
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[w:] = best[:cap + 1 - w] + v
+            better = cand < new
+            new[better], picks[i][better] = cand[better], j
+        best = new
+    c = int(np.argmin(best))  # the first minimum: the lightest of the best
+    if not np.isfinite(best[c]):
+        return [0] * len(items)
+    out = [0] * len(items)
+    for i in reversed(range(len(items))):
+        out[i] = int(picks[i][c])
+        c -= int(items[i][out[i]][0]) // g
+    return out
