@@ -155,3 +155,24 @@ def test_along_reestimates_batchnorm_as_the_deployed_model_does(digits, digits_c
     res = qexport.analyze(digits_cnn, digits, (2,), per_channel=True, artifact=art).to_json()["along"]
     assert abs(res["layers"][-1]["cumulative"] - res["quantized_metric"]) <= 1.0, res
     assert [s["name"] for s in res["layers"]] == list(art.layers)
+
+
+def test_the_knapsack_is_exact():
+    """Under one limit the allocation is the optimum of every choice (brute force on small cases)."""
+    import itertools
+    import random
+
+    from qadmm.sensitivity import knapsack
+
+    rng = random.Random(0)
+    for _ in range(200):
+        items = [[(rng.randrange(1, 40) * 4, rng.random()) for _ in range(rng.randrange(1, 4))] for _ in range(rng.randrange(1, 5))]
+        for opts in items:
+            opts.sort()
+        limit = rng.randrange(sum(o[0][0] for o in items), sum(o[-1][0] for o in items) + 8)
+        best = min((sum(items[i][j][1] for i, j in enumerate(c)), sum(items[i][j][0] for i, j in enumerate(c)))
+                   for c in itertools.product(*(range(len(o)) for o in items))
+                   if sum(items[i][j][0] for i, j in enumerate(c)) <= limit)
+        got = knapsack(items, limit)
+        value, weight = sum(items[i][j][1] for i, j in enumerate(got)), sum(items[i][j][0] for i, j in enumerate(got))
+        assert weight <= limit and abs(value - best[0]) < 1e-9
