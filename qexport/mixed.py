@@ -140,7 +140,10 @@ def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget,
     record = {
         "size_budget": budget.size_bytes, "avg_bits_budget": budget.avg_bits, "max_drop": budget.max_drop,
         "bit_choices": choices, "allow_float": budget.allow_float,
-        "allocation": "greedy multiple-choice knapsack on the layers' relative output errors (qadmm.sensitivity.allocate)"
+        "allocation": ("greedy multiple-choice knapsack" if max_bits is not None and (budget.size_bytes is not None
+                                                                    or budget.max_drop is not None)
+                       else "multiple-choice knapsack, solved exactly")
+                      + " on the layers' relative output errors (qadmm.sensitivity.allocate)"
                       + ("; then a bisection on the byte limit for the smallest model within --max-drop" if budget.max_drop is not None else ""),
         "chosen": {n: b for n, b in choice.items() if b != FLOAT}, "kept_float": [n for n, b in choice.items() if b == FLOAT],
         "bytes": chosen.bytes, "avg_bits": chosen.avg_bits, "predicted_sum_rel_output_error": chosen.predicted_error,
