@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--methods", default="gptq")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "mixed.jsonl")
     ap.add_argument("--table", action="store_true", help="print the tables of --out and stop")
+    ap.add_argument("--budgets-only", action="store_true",
+                    help="run the budgets only, from the uniform rows already in --out (after a change to the allocation)")
     args = ap.parse_args()
     done = [json.loads(s) for s in args.out.read_text().splitlines() if s.strip()] if args.out.is_file() else []
     if not args.table:
@@ -77,8 +79,9 @@ def main() -> None:
                          and m.weight.dim() > 1)
             for method in args.methods.split(","):
                 key = dict(model=name, method=method, params=params)
-                uniform = {}
-                for bits in CHOICES:
+                uniform = {r["bits"]: r["bytes"] for r in done if r["budget"] is None and r["model"] == name
+                           and r["method"] == method} if args.budgets_only else {}
+                for bits in () if args.budgets_only else CHOICES:
                     r = {**key, **run(model, data, method, bits, None, normalize)}
                     uniform[bits] = r["bytes"]
                     print(json.dumps(r), file=sys.stderr, flush=True)
