@@ -23,9 +23,9 @@ from torch import nn
 
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.sensitivity import FLOAT, allocate, cost, sensitivity
+from qadmm.sensitivity import FLOAT, Judge, allocate, cost, sensitivity
 from qadmm.spec import QuantResult, QuantSpec
-from qadmm.train import agreement, predict
+from qadmm.train import predict
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,17 @@ def drop_measure(model: nn.Module, data: Dataset) -> tuple[str, Callable[[nn.Mod
     x = torch.as_tensor(np.asarray(data.x_val if on_val else data.x_test, np.float32))
     split = f"{'validation' if on_val else 'test'} split ({len(x)} samples)"
     ref = predict(model, x)
-    if data.labelled:
-        y = torch.as_tensor(np.asarray(data.y_val if on_val else data.y_test))
-        acc = lambda m: round(float((predict(m, x).argmax(1) == y).double().mean() * 100), 3)  # noqa: E731
-        return f"accuracy, {split}", acc, acc(model)
-    if ref.dim() != 2:
+    y = np.asarray(data.y_val if on_val else data.y_test) if data.labelled else None
+    if y is None and ref.dim() != 2:
         raise UserError("--max-drop measures accuracy (labelled data) or top-1 agreement (class scores): this model's "
                         f"output {tuple(ref.shape[1:])} is neither; use --size-budget or --avg-bits alone")
-    return (f"top-1 agreement with the float model, {split}",
-            lambda m: float(agreement(ref, predict(m, x), True)["top1_agreement"]), 100.0)
+    judge = Judge(x, ref, y, classifier=True)
+
+    def metric(m: nn.Module) -> float:
+        return round(judge(predict(m, x)), 3)
+
+    what = f"accuracy, {split}" if y is not None else f"top-1 agreement with the float model, {split}"
+    return what, metric, metric(model) if y is not None else 100.0
 
 
 def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget,
