@@ -1,18 +1,22 @@
 """Which layer hurts: each quantizable layer quantized alone, at each width of a set.
 
-Per layer and width: the layer's own output error, as an SQNR in dB on calibration inputs,
-10·log10(tr(W H Wᵀ) / tr(ΔW H ΔWᵀ)) with H = XᵀX/n the layer's input Hessian in the float network
-(`layer_inputs`) and ΔW = W − α·Q the nearest α/Q fit (`codes.fit`, what ptq does); and the
-network's accuracy on test samples with only that layer quantized (top-1 agreement with the float
-model when the data has no labels). The per-layer input Hessians are computed once and shared by
-every width. Fit and Hessian are what `ptq` and `gptq` start from, so a layer that is fragile here
-is the first to keep at more bits.
+Per layer and width, with ΔW = W − α·Q the nearest α/Q fit (`codes.fit`, what ptq does) or what a
+calibration back-end's layer solver makes of the layer alone (gptq, ldnq: `qadmm.layerwise.Solver`):
+- the layer's own output error, as an SQNR in dB on calibration inputs,
+  10·log10(tr(W H Wᵀ) / tr(ΔW H ΔWᵀ)) with H = XᵀX/n the layer's input Hessian in the float network
+  (`layer_inputs`), computed once per layer and shared by every width;
+- the network's accuracy on test samples with only that layer quantized (top-1 agreement with the
+  float model when the data has no labels).
+Fit and Hessian are what `ptq` and `gptq` start from, so a layer that is fragile here is the first to
+keep at more bits.
 """
 from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,13 +27,18 @@ from qadmm.codes import CodeSet, fit
 from qadmm.data import Dataset
 from qadmm.layer_inputs import input_hessian, weight_matrix
 from qadmm.layers import select_layers
-from qadmm.layerwise import output_error
+from qadmm.layerwise import Solver, layer_codes, output_error
 from qadmm.recalibrate import batchnorms, reestimate_bn
 from qadmm.spec import QuantSpec
 from qadmm.train import agreement, predict
 
 
 EVAL_BATCH = 256  # small enough that a CNN's activations stay in cache: 2.5x faster than 1024 on ResNet-20
+
+
+def as_json(per_width: dict[int, float]) -> dict[str, float | None]:
+    """Values per width as plain JSON (an exact layer's infinite SQNR is null)."""
+    return {str(b): (v if math.isfinite(v) else None) for b, v in per_width.items()}
 
 
 @dataclass
@@ -48,15 +57,14 @@ class Sensitivity:
     bits: list[int]
     per_channel: bool
     layers: list[LayerSensitivity]
+    rounding: str = "nearest"  # what quantized each layer: the nearest α/Q fit, or a method's layer solver ("gptq", "ldnq")
 
     def to_json(self) -> dict:
         """Plain JSON (an exact layer, infinite SQNR, is null)."""
-        def num(d: dict) -> dict:
-            return {str(b): (v if math.isfinite(v) else None) for b, v in d.items()}
-
         return {"metric": self.metric, "float_metric": self.float_metric, "bits": self.bits, "per_channel": self.per_channel,
+                "rounding": self.rounding,
                 "layers": [{"name": s.name, "params": s.params, "bytes": {str(b): v for b, v in s.bytes.items()},
-                            "sqnr_db": num(s.sqnr_db), "metric": num(s.metric)} for s in self.layers]}
+                            "sqnr_db": as_json(s.sqnr_db), "metric": as_json(s.metric)} for s in self.layers]}
 
     def ranking(self, bits: int) -> list[str]:
         """Layer names from most to least sensitive at `bits` (largest metric drop, then lowest SQNR)."""
@@ -92,11 +100,29 @@ class Judge:
         return math.inf if v is None else float(v)  # None: identical outputs
 
 
+@contextmanager
+def reestimated(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """Inside the block the model's BatchNorm statistics are re-estimated on x (as the calibration
+    back-ends deploy a quantized model); its own statistics are back after."""
+    bns = batchnorms(model)
+    saved = copy.deepcopy([bn.state_dict() for bn in bns])
+    if bns:
+        reestimate_bn(model, x)
+    try:
+        yield
+    finally:
+        for bn, st in zip(bns, saved):
+            bn.load_state_dict(st)
+
+
 @torch.no_grad()
 def sensitivity(model: nn.Module, data: Dataset, bits: list[int], per_channel: bool = True, calib_samples: int = 512,
                 eval_samples: int | None = 2000, seed: int = 0, progress: bool = False, evaluate: bool = True,
-                spec: QuantSpec | None = None) -> Sensitivity:
-    """Each quantizable layer of `model` quantized alone at each width in `bits` (see the module).
+                spec: QuantSpec | None = None, solve: Solver | None = None, rounding: str = "nearest") -> Sensitivity:
+    """Each quantizable layer of `model` quantized alone at each width in `bits` (see the module),
+    rounded to its nearest fit, or by `solve` (the layer solver of the method named `rounding`,
+    `qadmm.methods.layer_solver`: gptq's and ldnq's errors are far below the nearest fit's, and not
+    by the same factor on every layer).
     `evaluate` False: the SQNRs only (no network runs on test data). `spec` selects the layers
     (exclude, keep_first/last) as quantization will."""
     model = model.eval()
@@ -114,15 +140,17 @@ def sensitivity(model: nn.Module, data: Dataset, bits: list[int], per_channel: b
                                                       for b in bits})
         original = m.weight.detach().clone()
         for b in bits:
-            f = fit(original, CodeSet.default(b), per_channel)
-            err = output_error(w - f.dequantize().reshape(len(w), -1).double(), h)
+            codes = CodeSet.default(b)
+            f = fit(original, codes, per_channel)
+            wq = f.dequantize() if solve is None else layer_codes(*solve(w, h, codes, f)[:2], m.weight.shape, codes, per_channel).weight()
+            err = output_error(w - wq.reshape(len(w), -1).double(), h)
             s.sqnr_db[b] = round(10 * math.log10(base / err), 3) if err > 0 else math.inf
             if evaluate:
-                m.weight.copy_(f.dequantize())
+                m.weight.copy_(wq)
                 s.metric[b] = round(score(predict(model, x_eval, EVAL_BATCH)), 3)
                 m.weight.copy_(original)
         out.append(s)
-    return Sensitivity(metric, round(score(ref), 3), list(bits), per_channel, out)
+    return Sensitivity(metric, round(score(ref), 3), list(bits), per_channel, out, rounding if solve is not None else "nearest")
 
 
 @dataclass
@@ -150,16 +178,9 @@ def along(model: nn.Module, replaced: dict[str, dict[str, torch.Tensor]], data: 
     def measure(out: torch.Tensor) -> float:
         return round(judge(out), 3)
 
-    bns = batchnorms(model) if bn_reestimate else []
-    float_stats = copy.deepcopy([bn.state_dict() for bn in bns])
-
     def score() -> float:  # the model as it stands, its BatchNorm statistics re-estimated for the score only
-        if bns:
-            reestimate_bn(model, x)
-        out = predict(model, judge.x, EVAL_BATCH)
-        for bn, st in zip(bns, float_stats):
-            bn.load_state_dict(st)
-        return measure(out)
+        with reestimated(model, x) if bn_reestimate else nullcontext():
+            return measure(predict(model, judge.x, EVAL_BATCH))
 
     metric, float_metric = judge.metric, measure(judge.ref)
     modules = dict(model.named_modules())
@@ -209,15 +230,14 @@ def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_b
     """A width per layer, from the widths measured (and FLOAT with `allow_float`), that keeps the
     bytes ≤ `max_bytes` and the code bits Σ params·width ≤ `max_bits` (either may be None: no limit)
     and makes the predicted loss Σ_l ε_l small, with ε_l = 10^(−SQNR_l/10) the layer's relative
-    output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) (0 for a float layer): a second-order, Hessian-based
-    sensitivity as in HAWQ-V3 (Yao et al., ICML 2021, which weighs the loss Hessian and solves an
-    integer program). With one limit the allocation is that multiple-choice knapsack solved exactly
-    (`knapsack`, dynamic programming over the limit). With both, it is the knapsack's greedy: every
-    layer starts at its narrowest width, then the upgrade with the largest drop of ε per added byte
-    that still fits is taken, until none fits (the greedy can spend the budget on small upgrades and
-    leave none for a large layer's: on the digits MLP at 4.4 KB and 7.2 KB it scored 96.38 % and
-    96.66 % where the exact allocation scores 96.66 % and 96.94 %). A UserError when even the
-    narrowest widths do not fit."""
+    output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) as `sensitivity` measured it (0 for a float layer): a
+    second-order, Hessian-based sensitivity as in HAWQ-V3 (Yao et al., ICML 2021, which weighs the
+    loss Hessian and solves an integer program). With one limit the allocation is that
+    multiple-choice knapsack solved exactly (`knapsack`, dynamic programming over the limit). With
+    both, it is the knapsack's greedy: every layer starts at its narrowest width, then the upgrade
+    with the largest drop of ε per added byte that still fits is taken, until none fits (the greedy
+    can spend the budget on small upgrades and leave none for a large layer's). A UserError when
+    even the narrowest widths do not fit."""
     from qadmm.errors import UserError
 
     def eps(s: LayerSensitivity, b: int) -> float:

@@ -137,7 +137,7 @@ def quantize(model: nn.Module, data: Any, method: "str | Config" = DEFAULT_METHO
     work = rebuilt(graph, model) if rebuild else model
     mixed = None
     if budget is not None:
-        result, spec, mixed = search(work, data, spec, budget, lambda s: methods.run(method, work, data, s))
+        result, spec, mixed = search(work, data, spec, budget, method, lambda s: methods.run(method, work, data, s))
     else:
         result = methods.run(method, work, data, spec)  # checked once, when the request was made
     seconds = time.perf_counter() - t0
@@ -248,16 +248,23 @@ class Analysis:
 
 
 def analyze(model: nn.Module, data: Any, bits: Sequence[int] = (8, 4, 3, 2, 1), *, per_channel: bool = True,
-            artifact: Artifact | None = None, calib_samples: int = 512, eval_samples: int | None = 2000, seed: int = 0,
-            progress: bool = False) -> Analysis:
+            method: str = "ptq", artifact: Artifact | None = None, calib_samples: int = 512, eval_samples: int | None = 2000,
+            seed: int = 0, progress: bool = False) -> Analysis:
     """Which layer hurts: each quantizable layer of the float `model` quantized alone at each width
-    (`qadmm.sensitivity.sensitivity`); with `artifact` (quantized from this model), also its layers put
-    into the float model one at a time and cumulatively (`qadmm.sensitivity.along`)."""
+    (`qadmm.sensitivity.sensitivity`), rounded as `method` rounds one layer (ptq: its nearest fit; gptq,
+    ldnq: their layer solvers, default hyperparameters); with `artifact` (quantized from this model),
+    also its layers put into the float model one at a time and cumulatively (`qadmm.sensitivity.along`)."""
     from qadmm.sensitivity import along, sensitivity
 
+    solve = methods.layer_solver(method, QuantSpec(bits=max(bits), per_channel=per_channel, seed=seed))
+    if solve is None and method != "ptq":
+        walkers = [n for n, m in methods.METHODS.items() if m.layer_solver is not None]
+        raise UserError(f"analyze rounds each layer alone as ptq or a layer-by-layer method does ({', '.join(['ptq', *walkers])}); "
+                        f"{method!r} trains the whole network: analyze with ptq, then quantize with {method}")
     data = as_dataset(data, seed)
     model = copy.deepcopy(model).eval()
-    sens = sensitivity(model, data, list(bits), per_channel, calib_samples, eval_samples, seed, progress=progress)
+    sens = sensitivity(model, data, list(bits), per_channel, calib_samples, eval_samples, seed, progress=progress, solve=solve,
+                       rounding=method)
     if artifact is None:
         return Analysis(sens)
     modules = dict(artifact.model.named_modules())

@@ -3,12 +3,14 @@
 A `Budget` says how large the quantized layers may be (`size_bytes`, as `inspect` counts them: codes
 at N bits plus 4 B per scale; or `avg_bits`, code bits per weight) and how much may be lost
 (`max_drop`: points of accuracy, or of top-1 agreement with the float model without labels).
-`search` measures each layer's output SQNR at each allowed width once (`qadmm.sensitivity`, no
-network runs), allocates widths under the size limit (`qadmm.sensitivity.allocate`), quantizes with
-the request's back-end and measures. With `max_drop` it then looks for the smallest model that keeps
-the drop: the allocation at the size limit first (if it loses too much, no smaller one is tried and
-the result says the target was not met), then a bisection on the byte limit between the narrowest
-model and the last one that met it, at most `max_steps` quantizations in all. Every step is recorded.
+`search` measures once, per layer and allowed width, the output error of the layer quantized alone
+as the request's back-end rounds one layer (gptq's and ldnq's layer solvers; the nearest fit
+otherwise), on the calibration inputs (no labels needed; `qadmm.sensitivity`), allocates widths
+under the size limit (`qadmm.sensitivity.allocate`), quantizes with the back-end and measures. With
+`max_drop` it then looks for the smallest model that keeps the drop: the allocation at the size
+limit first (if it loses too much, no smaller one is tried and the result says the target was not
+met), then a bisection on the byte limit between the narrowest model and the last one that met it,
+at most `max_steps` quantizations in all. Every step is recorded.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from qadmm import methods
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.sensitivity import FLOAT, Judge, allocate, cost, sensitivity
+from qadmm.sensitivity import FLOAT, Judge, allocate, as_json, cost, sensitivity
 from qadmm.spec import QuantResult, QuantSpec
 from qadmm.train import predict
 
@@ -87,14 +90,17 @@ def drop_measure(model: nn.Module, data: Dataset) -> tuple[str, Callable[[nn.Mod
     return what, metric, metric(model) if y is not None else 100.0
 
 
-def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget,
+def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget, method: str,
            run: Callable[[QuantSpec], QuantResult]) -> tuple[QuantResult, QuantSpec, dict]:
-    """The widths under `budget` (see the module), quantized by `run(spec)`: the result, its spec and the record."""
+    """The widths under `budget` (see the module), quantized by `run(spec)` (back-end `method`): the
+    result, its spec and the record. The sensitivities are measured with the back-end's layer solver
+    when it has one (gptq, ldnq), the nearest fit otherwise."""
     if spec.layer_bits or spec.scheme not in (None, "binary", "symmetric"):
         raise UserError("a budget chooses the widths itself: drop --layer-bits and --scheme")
     choices = sorted({int(b) for b in budget.bit_choices}, reverse=True)
     sens = sensitivity(model, data, choices, spec.per_channel, min(spec.calib_samples, 512), seed=spec.seed,
-                       progress=spec.progress, evaluate=False, spec=spec)
+                       progress=spec.progress, evaluate=False, spec=spec,
+                       solve=methods.layer_solver(method, spec), rounding=method)
     layers = sens.layers
     params = sum(s.params for s in layers)
     max_bits = None if budget.avg_bits is None else int(budget.avg_bits * params)
@@ -145,11 +151,14 @@ def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget,
         "allocation": ("greedy multiple-choice knapsack" if max_bits is not None and (budget.size_bytes is not None
                                                                     or budget.max_drop is not None)
                        else "multiple-choice knapsack, solved exactly")
-                      + " on the layers' relative output errors (qadmm.sensitivity.allocate)"
+                      + " on the layers' relative output errors"
+                      + f", each layer quantized alone by {'its nearest fit' if sens.rounding == 'nearest' else sens.rounding}"
+                      + " (qadmm.sensitivity.allocate)"
                       + ("; then a bisection on the byte limit for the smallest model within --max-drop" if budget.max_drop is not None else ""),
         "chosen": {n: b for n, b in choice.items() if b != FLOAT}, "kept_float": [n for n, b in choice.items() if b == FLOAT],
-        "bytes": chosen.bytes, "avg_bits": chosen.avg_bits, "predicted_sum_rel_output_error": chosen.predicted_error,
-        "sqnr_db": {s.name: {str(b): v for b, v in s.sqnr_db.items()} for s in layers},
+        "bytes": chosen.bytes, "avg_bits": chosen.avg_bits, "rounding": sens.rounding,
+        "predicted_sum_rel_output_error": chosen.predicted_error,
+        "sqnr_db": {s.name: as_json(s.sqnr_db) for s in layers},
         "steps": [dataclasses.asdict(t[2]) for t in tried.values()],
     }
     if budget.max_drop is not None:

@@ -12,7 +12,9 @@ overrides. A method whose result leaves BatchNorm statistics stale (it never tra
 them on weights other than the final codes) sets `recalibrate=True`: BatchNorm re-estimation then
 runs after it by default (`qadmm.recalibrate`; `spec.bn_reestimate` overrides); `bias_correction=True`
 makes bias correction its default (`spec.bias_correction` overrides). A training method also gives
-its `hooks` (`qadmm.finetune.Hooks`), and then trains in the user's own loop too (`qadmm.qat`).
+its `hooks` (`qadmm.finetune.Hooks`), and then trains in the user's own loop too (`qadmm.qat`). A
+back-end that walks the layers (`qadmm.layerwise`) gives its `layer_solver`, so that sensitivity
+analysis and mixed precision measure each layer as that back-end would round it.
 """
 from __future__ import annotations
 
@@ -32,6 +34,13 @@ METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (ptq, ste, admmq,
 def calibration_only(name: str) -> bool:
     """Whether the method needs only inputs (no labels)."""
     return get_method(name).calibration_only
+
+
+def layer_solver(name: str, spec: QuantSpec):
+    """The method's per-layer solver for `spec` (`qadmm.layerwise.Solver`), or None: a method that does
+    not walk the layers one at a time (ptq rounds each to its nearest fit; the others train)."""
+    make = get_method(name).layer_solver
+    return None if make is None else make(spec)
 
 
 def get_method(name: str) -> Method:

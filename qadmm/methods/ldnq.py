@@ -36,7 +36,7 @@ from qadmm.data import Dataset
 from qadmm.errors import UserError
 from qadmm.layer_inputs import times_hessian
 from qadmm.layers import stage
-from qadmm.layerwise import output_error, walk
+from qadmm.layerwise import Solver, output_error, walk
 from qadmm.methods.gptq import GPTQ, refit_alpha
 from qadmm.methods.gptq import Params as GPTQParams
 from qadmm.methods.method import Method
@@ -158,6 +158,18 @@ def cascade(model: nn.Module, teacher_logits: torch.Tensor, x: torch.Tensor, nam
     return loss_v
 
 
+def layer_solver(spec: QuantSpec) -> Solver:
+    """One layer's codes and scales from its weight and input Hessian, as the walk asks (`layerwise.Solver`)."""
+    p = spec.resolve(Params)
+
+    def solve(w: torch.Tensor, h: torch.Tensor, codes: CodeSet, nearest: Fit):
+        q, alpha, log = admm_layer(w, h, codes, spec.per_channel, p, nearest)
+        base = max(output_error(w, h), 1e-30)
+        return q, alpha, {"rounds": log["rounds"], "out_err_admm_start": log["err_start"] / base, "kept": log["kept"]}
+
+    return solve
+
+
 def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     p = spec.resolve(Params)
     gen = seed_everything(spec.seed)
@@ -165,19 +177,14 @@ def quantize(model: nn.Module, data: Dataset, spec: QuantSpec) -> QuantResult:
     x = data.calibration(spec.calib_samples, spec.seed)
     teacher = predict(model, x) if p.cascade_epochs > 0 else None
 
-    def solve(w: torch.Tensor, h: torch.Tensor, codes: CodeSet, nearest: Fit):
-        q, alpha, log = admm_layer(w, h, codes, spec.per_channel, p, nearest)
-        base = max(output_error(w, h), 1e-30)
-        return q, alpha, {"rounds": log["rounds"], "out_err_admm_start": log["err_start"] / base, "kept": log["kept"]}
-
     def after(name: str) -> dict:
         return {} if teacher is None else {"cascade_loss": cascade(model, teacher, x, name, p, gen)}
 
-    layers, history = walk(model, x, spec, solve, f"ldnq {spec.describe_codes()}", p.bn_each_layer, p.bn_samples, after)
+    layers, history = walk(model, x, spec, layer_solver(spec), f"ldnq {spec.describe_codes()}", p.bn_each_layer, p.bn_samples, after)
     return QuantResult(model, layers, "ldnq", asdict(p), history)
 
 
-METHOD = Method("ldnq", quantize, Params, __doc__,
+METHOD = Method("ldnq", quantize, Params, __doc__, layer_solver=layer_solver,
                 calibration_only=True,  # inputs only: unlabelled data will do
                 recalibrate=True,  # the cascade may move BatchNorm a little, never onto the quantized statistics
                 bias_correction=True)  # as for gptq (docs/calibration.md)

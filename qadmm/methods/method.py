@@ -22,6 +22,7 @@ class Method:
     recalibrate: bool = False  # BatchNorm re-estimation after it by default (its result leaves the statistics stale)
     bias_correction: bool = False  # Nagel et al. 2019 bias correction after it by default
     hooks: Callable[..., Any] | None = None  # (model, spec, params, projector) -> Hooks: it trains, also in the user's loop
+    layer_solver: Callable[..., Any] | None = None  # (spec) -> its per-layer solver (`qadmm.layerwise.Solver`): it walks the layers
 
     @property
     def summary(self) -> str:

@@ -42,6 +42,9 @@ def along_table(steps, float_metric: float) -> str:
 @normalize_option
 @click.option("--bits", "bits_text", default="8,4,3,2,1", show_default=True, help="Widths to try, comma-separated.")
 @click.option("--per-channel", is_flag=True, help="One scale per output channel (as you would quantize).")
+@click.option("--method", default="ptq", show_default=True,
+              help="How each layer is rounded: ptq (its nearest α/Q fit), or gptq / ldnq (their layer solver, on the "
+                   "layer's input Hessian): analyze with the method you will quantize with.")
 @click.option("--calib-samples", type=click.IntRange(1), default=512, show_default=True,
               help="Training inputs for each layer's input Hessian (the SQNR).")
 @click.option("--eval-samples", type=click.IntRange(1), default=2000, show_default=True,
@@ -55,19 +58,19 @@ def along_table(steps, float_metric: float) -> str:
               help="Also write a report into this folder: report.md, report.html and figures/ (heat maps of the SQNR "
                    "and of the drop, layers by widths; the accuracy along the network with --artifact).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def analyze(data_name, data_dir, label_column, model_name, checkpoint, normalize, bits_text, per_channel, calib_samples,
+def analyze(data_name, data_dir, label_column, model_name, checkpoint, normalize, bits_text, per_channel, method, calib_samples,
             eval_samples, seed, artifact, json_path, report_dir, quiet):
     """Which layer hurts: each quantizable layer quantized alone, at each width.
 
     Per layer and width: the layer's own output SQNR in dB on calibration inputs (nearest α/Q fit,
-    as ptq makes it; higher is better), and the network's test accuracy with only that layer
+    as ptq makes it, or --method gptq / ldnq; higher is better), and the network's test accuracy with only that layer
     quantized (top-1 agreement with the float model, or SQNR, when the data has no labels). The
     most sensitive layers are the ones to keep at more bits (`quantize --layer-bits`).
 
     \b
     Examples:
       qexport analyze --checkpoint models/fashion-resnet20.safetensors --data fashion-mnist --per-channel --report sens/
-      qexport analyze --checkpoint models/digits-mlp.safetensors --bits 4,2,1 --json sens.json
+      qexport analyze --checkpoint models/digits-mlp.safetensors --bits 4,2,1 --method gptq --json sens.json
       qexport analyze --checkpoint models/digits-mlp.safetensors --artifact m.qx.safetensors --per-channel
     """
     from qexport.provenance import is_user_model
@@ -91,10 +94,10 @@ def analyze(data_name, data_dir, label_column, model_name, checkpoint, normalize
     model, name, _ = float_model(data, model_name, checkpoint, seed, None, 3e-3, 32, 30, not quiet, normalize)
     if user and normalize not in (None, "none"):
         model = api.with_normalization(model, api.normalization(normalize, data))
-    result = api.analyze(model, data, bits, per_channel=per_channel, artifact=art, calib_samples=calib_samples,
+    result = api.analyze(model, data, bits, per_channel=per_channel, method=method, artifact=art, calib_samples=calib_samples,
                          eval_samples=eval_samples, seed=seed, progress=not quiet)
     sens = result.sensitivity
-    click.echo(f"{name} on {data.name}: each layer quantized alone ({'per channel' if per_channel else 'per tensor'}); "
+    click.echo(f"{name} on {data.name}: each layer quantized alone by {method} ({'per channel' if per_channel else 'per tensor'}); "
                f"float {sens.metric} {sens.float_metric:.2f} on {min(eval_samples, len(data.x_test))} test samples")
     click.echo(table(sens))
     for b in bits:
