@@ -77,7 +77,7 @@ def blocks(title: str, sens: Sensitivity | None, along: tuple[str, float, list[A
         names = [s.name for s in sens.layers]
         cols = [f"{b} bits" for b in sens.bits]
         out.append(("p", f"Each quantizable layer quantized alone ({'per channel' if sens.per_channel else 'per tensor'}, "
-                         f"nearest α/Q fit). Float {sens.metric}: {sens.float_metric:.2f}. SQNR: the layer's own output on "
+                         f"{'nearest α/Q fit' if sens.rounding == 'nearest' else sens.rounding + ' on its input Hessian'}). Float {sens.metric}: {sens.float_metric:.2f}. SQNR: the layer's own output on "
                          "calibration inputs, in dB (higher is better). Drop: the network's float metric minus its "
                          "metric with only that layer quantized."))
         header = ("layer", "params", *(f"{b}b bytes" for b in sens.bits), *(f"{b}b dB" for b in sens.bits),
