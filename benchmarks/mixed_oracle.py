@@ -2,8 +2,8 @@
 
 The digits MLP and cnn-small have three quantized layers each, so every allocation of widths
 8/4/3/2/1 can be tried: for each budget of `benchmarks/mixed.py` where mixed precision stayed below
-the next larger uniform width (`results/mixed.jsonl`), this quantizes (gptq, per channel) every
-allocation that fits and that no single layer could widen within the budget, and prints the best
+the next larger uniform width (`results/mixed.jsonl`), this quantizes (per channel, with the
+same method) every allocation that fits and that no single layer could widen within the budget, and prints the best
 test accuracy: an oracle bound (it chooses on the test split), against which the allocation that
 `--size-budget` chose and the next larger uniform width compare.
 
@@ -39,6 +39,7 @@ def short_budgets(rows: list[dict], model: str, method: str) -> list[tuple[dict,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="digits-mlp,fashion-cnn-small")
+    ap.add_argument("--methods", default="gptq,ldnq")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "mixed.jsonl")
     args = ap.parse_args()
 
@@ -49,8 +50,9 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     rows = [json.loads(s) for s in args.results.read_text().splitlines() if s.strip()]
-    print("| model | budget B | allocation chosen (this version) | best of every allocation (oracle, test) | next larger uniform |")
-    print("|---|---|---|---|---|")
+    print("| model | method | budget B | allocation chosen (this version) | best of every allocation (oracle, test) "
+          "| next larger uniform |")
+    print("|---|---|---|---|---|---|")
     for name in args.models.split(","):
         data = load_data(DATA[name], None, 0, None)
         model, _, _ = float_model(data, None, str(ROOT / "models" / f"{name}.safetensors"), 0, None, 3e-3, 32, 30, False)
@@ -59,17 +61,17 @@ def main() -> None:
         def size(c: dict[str, int]) -> int:
             return sum(-(-params[n][0] * b // 8) + 4 * params[n][1] for n, b in c.items())
 
-        for mixed, uniform in short_budgets(rows, name, "gptq"):
+        for method, (mixed, uniform) in ((m, pair) for m in args.methods.split(",") for pair in short_budgets(rows, name, m)):
             budget, best = mixed["budget"], None
             for widths in itertools.product(WIDTHS, repeat=len(params)):
                 c = dict(zip(params, widths))
                 if size(c) > budget or any(size({**c, n: w}) <= budget for n in c for w in WIDTHS if w > c[n]):
                     continue
-                acc = qexport.quantize(model, data, "gptq", per_channel=True, layer_bits=c).meta["accuracy"]["quantized_test"]
+                acc = qexport.quantize(model, data, method, per_channel=True, layer_bits=c).meta["accuracy"]["quantized_test"]
                 if best is None or acc > best[0]:
                     best = (acc, c, size(c))
             acc, c, used = best
-            print(f"| {name} | {budget} | {mixed['accuracy']:.2f} % | {acc:.2f} % ({', '.join(f'{n}={b}' for n, b in c.items())}, "
+            print(f"| {name} | {method} | {budget} | {mixed['accuracy']:.2f} % | {acc:.2f} % ({', '.join(f'{n}={b}' for n, b in c.items())}, "
                   f"{used} B) | {uniform['accuracy']:.2f} % ({uniform['bits']} bits) |", flush=True)
 
 
