@@ -31,16 +31,16 @@ def weight_bytes(art) -> int:
     return sum(-(-lc.q.numel() * lc.codes.storage_bits // 8) + 4 * lc.alpha.numel() for lc in art.layers.values())
 
 
-def run(model, data, method: str, bits: int, budget: int | None, normalize=None) -> dict:
+def run(model, data, method: str, bits: int, budget: int | None, normalize=None, max_steps: int = 1) -> dict:
     from qexport import api
     from qexport.mixed import Budget
 
     art = api.quantize(model, data, method, bits, per_channel=True, normalize=normalize,
-                       budget=None if budget is None else Budget(size_bytes=budget, bit_choices=CHOICES))
+                       budget=None if budget is None else Budget(size_bytes=budget, bit_choices=CHOICES, max_steps=max_steps))
     acc = art.meta["accuracy"]
     return {"bits": bits if budget is None else None, "budget": budget, "bytes": weight_bytes(art),
             "accuracy": acc["quantized_test"], "float": acc["float_test"],
-            "chosen": art.meta.get("mixed_precision", {}).get("chosen")}
+            "chosen": art.meta.get("mixed_precision", {}).get("chosen"), **({"max_steps": max_steps} if max_steps > 1 else {})}
 
 
 def table(rows: list[dict]) -> str:
@@ -51,7 +51,8 @@ def table(rows: list[dict]) -> str:
                 "| run | weight bytes | avg bits | test accuracy |", "|---|---|---|---|"]
         params = rs[0]["params"]
         for r in rs:
-            name = f"uniform {r['bits']} bits" if r["budget"] is None else f"budget {r['budget']} B"
+            name = (f"uniform {r['bits']} bits" if r["budget"] is None else f"budget {r['budget']} B"
+                    + (f", best of {r['max_steps']}" if r.get("max_steps", 1) > 1 else ""))
             out.append(f"| {name} | {r['bytes']} | {8 * r['bytes'] / params:.2f} | {r['accuracy']:.2f} % |")
         out.append("")
     return "\n".join(out)
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--methods", default="gptq")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "mixed.jsonl")
+    ap.add_argument("--max-steps", type=int, default=1,
+                    help="allocations compared on the validation split at each budget (qexport.Budget.max_steps)")
     ap.add_argument("--table", action="store_true", help="print the tables of --out and stop")
     ap.add_argument("--budgets-only", action="store_true",
                     help="run the budgets only, from the uniform rows already in --out (after a change to the allocation)")
@@ -91,7 +94,7 @@ def main() -> None:
                 pairs = list(zip(CHOICES, CHOICES[1:]))  # midpoints: about 6, 3.5, 2.5 and 1.5 bits, and about 2.25
                 budgets = [(uniform[a] + uniform[b]) // 2 for a, b in pairs] + [int(uniform[2] * 1.125)]
                 for budget in budgets:
-                    r = {**key, **run(model, data, method, 8, budget, normalize)}
+                    r = {**key, **run(model, data, method, 8, budget, normalize, args.max_steps)}
                     print(json.dumps(r), file=sys.stderr, flush=True)
                     done.append(r)
                     with args.out.open("a") as f:

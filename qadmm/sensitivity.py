@@ -226,8 +226,9 @@ def cost(s: LayerSensitivity, width: int) -> tuple[int, int]:
 
 
 def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_bits: int | None = None,
-             allow_float: bool = False) -> dict[str, int]:
-    """A width per layer, from the widths measured (and FLOAT with `allow_float`), that keeps the
+             allow_float: bool = False, banned: frozenset[tuple[str, int]] = frozenset()) -> dict[str, int]:
+    """A width per layer, from the widths measured (and FLOAT with `allow_float`) but the (layer, width)
+    pairs `banned` (how a search asks for the next-best allocations), that keeps the
     bytes ≤ `max_bytes` and the code bits Σ params·width ≤ `max_bits` (either may be None: no limit)
     and makes the predicted loss Σ_l ε_l small, with ε_l = 10^(−SQNR_l/10) the layer's relative
     output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) as `sensitivity` measured it (0 for a float layer): a
@@ -246,7 +247,8 @@ def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_b
     def fits(nbytes: int, nbits: int) -> bool:
         return (max_bytes is None or nbytes <= max_bytes) and (max_bits is None or nbits <= max_bits)
 
-    options = {s.name: sorted(s.bytes) + ([FLOAT] if allow_float else []) for s in layers}
+    options = {s.name: [b for b in sorted(s.bytes) + ([FLOAT] if allow_float else []) if (s.name, b) not in banned]
+               for s in layers}
     choice = {s.name: options[s.name][0] for s in layers}
     used = [sum(cost(s, choice[s.name])[k] for s in layers) for k in (0, 1)]
     if not fits(*used):

@@ -90,12 +90,20 @@ def describe_mixed(mp: dict) -> str:
     widths = ", ".join([f"{n}={b}" for n, b in mp["chosen"].items()] + [f"{n}=float" for n in mp.get("kept_float", [])])
     lines = [f"  mixed precision under {' and '.join(v for v in limits if v)}: {mp['bytes']} B of codes and scales, "
              f"{mp['avg_bits']} bits per weight on average ({widths})"]
+    measured = mp.get("measured_on", mp.get("drop_measured_on"))  # the key of artifacts before allocations were compared
     if mp.get("max_drop") is not None:
-        lines.append(f"  search ({mp['drop_measured_on']}; float {mp['float_metric']:.2f}):")
+        lines.append(f"  search ({measured}; float {mp['float_metric']:.2f}):")
         for i, st in enumerate(mp["steps"], 1):
             lines.append(f"    step {i}: limit {st['bytes_limit']} B -> {st['bytes']} B, {st['avg_bits']} bits, "
                          f"{st['metric']:.2f} (drop {st['drop']:+.2f}) {'meets' if st['met'] else 'too much'}")
         lines.append(f"  max drop {mp['max_drop']} {'met' if mp['met'] else 'NOT met'}: drop {mp['drop']:.2f} points"
                      + ("" if mp["met"] else " at the largest model allowed; raise the size limit, allow wider "
                         "--bit-choices or --allow-float"))
+    elif len(mp["steps"]) > 1:  # several allocations under the size limit, compared
+        float_metric = "" if mp.get("float_metric") is None else f"; float {mp['float_metric']:.2f}"
+        lines.append(f"  {len(mp['steps'])} allocations compared ({measured}{float_metric}):")
+        for i, st in enumerate(mp["steps"], 1):
+            kept = i == mp.get("kept_step")
+            lines.append(f"    {i}: {st['bytes']} B, {st['avg_bits']} bits, predicted error {st['predicted_error']:.4f}, "
+                         f"{st['metric']:.2f}{'  <- kept' if kept else ''}")
     return "\n".join(lines)

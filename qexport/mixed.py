@@ -10,7 +10,10 @@ under the size limit (`qadmm.sensitivity.allocate`), quantizes with the back-end
 `max_drop` it then looks for the smallest model that keeps the drop: the allocation at the size
 limit first (if it loses too much, no smaller one is tried and the result says the target was not
 met), then a bisection on the byte limit between the narrowest model and the last one that met it,
-at most `max_steps` quantizations in all. Every step is recorded.
+at most `max_steps` quantizations in all. Under a size limit alone, `max_steps` > 1 quantizes the best
+allocations the knapsack gives (its optimum, then the optimum with each layer in turn denied its
+width, by predicted error) and keeps the most accurate on the validation split: the additive model
+of layer errors ranks near allocations imperfectly, a measurement does not. Every step is recorded.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ class Budget:
     max_drop: float | None = None  # points of accuracy (or of top-1 agreement without labels) the search may lose
     bit_choices: tuple[int, ...] = (8, 4, 2, 1)
     allow_float: bool = False  # a layer may stay float (it then counts 4 B per weight)
-    max_steps: int = 6  # quantizations a --max-drop search may run
+    max_steps: int | None = None  # quantizations the search may run: a --max-drop search's tries (default 6); under
+    # a size limit alone, how many of the best allocations are quantized and compared on the validation split (default 1)
 
     def __post_init__(self) -> None:
         self.validate()  # a Budget that exists is a valid one
@@ -54,7 +58,7 @@ class Budget:
             raise UserError(f"--max-drop must be 0 or more (points), got {self.max_drop}")
         if not self.bit_choices or not all(1 <= int(b) <= 8 for b in self.bit_choices):
             raise UserError(f"bit choices {list(self.bit_choices)}: every width must be from 1 to 8")
-        if self.max_steps < 1:
+        if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1, got {self.max_steps}")
 
 
@@ -64,30 +68,33 @@ class Step:
     bytes: int
     avg_bits: float
     predicted_error: float  # Σ of the layers' relative output errors (the allocation's objective)
-    metric: float | None  # accuracy (or top-1 agreement) where the drop is measured; None without --max-drop
+    metric: float | None  # accuracy (top-1 agreement, output SQNR) on the validation split; None when not measured
     drop: float | None
     met: bool | None
 
 
-def drop_measure(model: nn.Module, data: Dataset) -> tuple[str, Callable[[nn.Module], float], float]:
+def validation_measure(model: nn.Module, data: Dataset, drop: bool) -> tuple[str, Callable[[nn.Module], float], float]:
     """(what is measured, metric(model), the float model's metric): accuracy on the validation split
-    (the test split when there is none), or top-1 agreement with the float model without labels.
-    The test split stays for the report: choosing on it would flatter the result."""
+    (the test split when there is none); without labels, top-1 agreement with the float model's class
+    scores, or for another output its SQNR in dB (not for a `drop`, which is in points). The test
+    split stays for the report: choosing on it would flatter the result."""
     on_val = len(data.x_val) > 0
     x = torch.as_tensor(np.asarray(data.x_val if on_val else data.x_test, np.float32))
     split = f"{'validation' if on_val else 'test'} split ({len(x)} samples)"
     ref = predict(model, x)
     y = np.asarray(data.y_val if on_val else data.y_test) if data.labelled else None
-    if y is None and ref.dim() != 2:
+    classifier = ref.dim() == 2
+    if y is None and not classifier and drop:
         raise UserError("--max-drop measures accuracy (labelled data) or top-1 agreement (class scores): this model's "
                         f"output {tuple(ref.shape[1:])} is neither; use --size-budget or --avg-bits alone")
-    judge = Judge(x, ref, y, classifier=True)
+    judge = Judge(x, ref, y, classifier)
 
     def metric(m: nn.Module) -> float:
         return round(judge(predict(m, x)), 3)
 
-    what = f"accuracy, {split}" if y is not None else f"top-1 agreement with the float model, {split}"
-    return what, metric, metric(model) if y is not None else 100.0
+    what = (f"accuracy, {split}" if y is not None else f"top-1 agreement with the float model, {split}" if classifier
+            else f"output SQNR in dB against the float model, {split}")
+    return what, metric, metric(model) if y is not None else 100.0 if classifier else math.inf
 
 
 def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget, method: str,
@@ -104,18 +111,24 @@ def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget, met
     layers = sens.layers
     params = sum(s.params for s in layers)
     max_bits = None if budget.avg_bits is None else int(budget.avg_bits * params)
-    measured, metric, float_metric = drop_measure(model, data) if budget.max_drop is not None else (None, None, None)
+    steps = budget.max_steps if budget.max_steps is not None else 6 if budget.max_drop is not None else 1
+    compare = budget.max_drop is None and steps > 1  # several allocations at the size limit, the best on validation
+    measured, metric, float_metric = (validation_measure(model, data, drop=budget.max_drop is not None)
+                                      if budget.max_drop is not None or compare else (None, None, None))
 
-    def at(limit: int | None) -> dict[str, int]:
-        return allocate(layers, limit, max_bits, budget.allow_float)
+    def at(limit: int | None, banned: frozenset[tuple[str, int]] = frozenset()) -> dict[str, int]:
+        return allocate(layers, limit, max_bits, budget.allow_float, banned)
 
     def size(choice: dict[str, int]) -> tuple[int, int]:
         return tuple(sum(cost(s, choice[s.name])[k] for s in layers) for k in (0, 1))  # type: ignore[return-value]
 
+    def predicted(choice: dict[str, int]) -> float:
+        return sum(10 ** (-s.sqnr_db[b] / 10) for s in layers if (b := choice[s.name]) != FLOAT and math.isfinite(s.sqnr_db[b]))
+
     tried: dict[tuple, tuple[QuantResult, QuantSpec, Step, dict[str, int]]] = {}
 
-    def step(limit: int) -> tuple[QuantResult, QuantSpec, Step, dict[str, int]]:
-        choice = at(limit)
+    def step(limit: int, choice: dict[str, int] | None = None) -> tuple[QuantResult, QuantSpec, Step, dict[str, int]]:
+        choice = at(limit) if choice is None else choice
         key = tuple(sorted(choice.items()))
         if key not in tried:
             widths = [b for b in choice.values() if b != FLOAT]
@@ -124,20 +137,31 @@ def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget, met
                                     exclude=tuple(spec.exclude) + tuple(n for n, b in choice.items() if b == FLOAT))
             result = run(q)
             nbytes, nbits = size(choice)
-            eps = sum(10 ** (-s.sqnr_db[b] / 10) for s in layers if (b := choice[s.name]) != FLOAT and math.isfinite(s.sqnr_db[b]))
             m = drop = met = None
             if metric is not None:
                 m = metric(result.model)
-                drop = round(float_metric - m, 3)
-                met = drop <= budget.max_drop
-            tried[key] = (result, q, Step(limit, nbytes, round(nbits / max(params, 1), 3), eps, m, drop, met), choice)
+                drop = round(float_metric - m, 3) if math.isfinite(float_metric) else None
+                met = None if budget.max_drop is None else drop <= budget.max_drop
+            tried[key] = (result, q, Step(limit, nbytes, round(nbits / max(params, 1), 3), predicted(choice), m, drop, met), choice)
         return tried[key]
 
     top = budget.size_bytes if budget.size_bytes is not None else size(at(None))[0]
     best = step(top)
+    if compare:  # the next-best allocations: each layer in turn denied its chosen width
+        first = best[3]
+        others = []
+        for s in layers:
+            try:
+                others.append(at(top, frozenset({(s.name, first[s.name])})))
+            except UserError:  # that layer has no other width that fits
+                continue
+        for choice in sorted({tuple(sorted(c.items())): c for c in others if c != first}.values(), key=predicted)[:steps - 1]:
+            candidate = step(top, choice)
+            if candidate[2].metric > best[2].metric:
+                best = candidate
     if budget.max_drop is not None and best[2].met:  # bisect the byte limit for the smallest model that still meets it
         lo, hi = size({s.name: min(s.bytes) for s in layers})[0], best[2].bytes
-        while len(tried) < budget.max_steps and lo < hi and at(lo) != at(hi):
+        while len(tried) < steps and lo < hi and at(lo) != at(hi):
             mid = (lo + hi) // 2
             candidate = step(mid)
             if candidate[2].met:
@@ -154,13 +178,18 @@ def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget, met
                       + " on the layers' relative output errors"
                       + f", each layer quantized alone by {'its nearest fit' if sens.rounding == 'nearest' else sens.rounding}"
                       + " (qadmm.sensitivity.allocate)"
-                      + ("; then a bisection on the byte limit for the smallest model within --max-drop" if budget.max_drop is not None else ""),
+                      + ("; then a bisection on the byte limit for the smallest model within --max-drop" if budget.max_drop is not None
+                         else f"; then the {len(tried)} best allocations by that error (each layer in turn denied its "
+                              "width), quantized, the most accurate on the validation split kept" if compare else ""),
         "chosen": {n: b for n, b in choice.items() if b != FLOAT}, "kept_float": [n for n, b in choice.items() if b == FLOAT],
         "bytes": chosen.bytes, "avg_bits": chosen.avg_bits, "rounding": sens.rounding,
         "predicted_sum_rel_output_error": chosen.predicted_error,
         "sqnr_db": {s.name: as_json(s.sqnr_db) for s in layers},
         "steps": [dataclasses.asdict(t[2]) for t in tried.values()],
+        "kept_step": 1 + [t[3] for t in tried.values()].index(choice),
     }
+    if metric is not None:
+        record.update(measured_on=measured, float_metric=float_metric if math.isfinite(float_metric) else None)
     if budget.max_drop is not None:
-        record.update(drop_measured_on=measured, float_metric=float_metric, drop=chosen.drop, met=bool(chosen.met))
+        record.update(drop=chosen.drop, met=bool(chosen.met))
     return result, qspec, record

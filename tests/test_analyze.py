@@ -104,7 +104,7 @@ def test_max_drop_finds_a_smaller_model_that_meets_it_and_says_when_none_can(tmp
     assert mp["met"] and mp["drop"] <= 1.0 and 1 < len(mp["steps"]) <= 5
     assert mp["steps"][0]["met"] and mp["bytes"] < mp["steps"][0]["bytes"]  # smaller than the widest model
     assert mp["bytes"] == min(st["bytes"] for st in mp["steps"] if st["met"])  # the smallest that met it
-    assert mp["drop_measured_on"].startswith("accuracy, validation split")
+    assert mp["measured_on"].startswith("accuracy, validation split")
     # at 1 bit everywhere nothing keeps within 0.01 points: written, reported, exit status 1
     ckpt = tmp_path / "m.safetensors"
     run_cli(["train", "--epochs", "4", "-q", "-o", str(ckpt)])

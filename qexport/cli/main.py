@@ -164,7 +164,10 @@ def parse_bytes(text: str) -> int:
 @click.option("--bit-choices", default="8,4,2,1", show_default=True,
               help="Widths --size-budget/--avg-bits/--max-drop may choose from.")
 @click.option("--allow-float", is_flag=True, help="Mixed precision may keep a layer float (4 B per weight).")
-@click.option("--max-steps", type=int, default=6, show_default=True, help="Quantizations a --max-drop search may run.")
+@click.option("--max-steps", type=click.IntRange(1), default=None,
+              help="Quantizations the search may run: a --max-drop search's tries (default 6); under --size-budget/"
+                   "--avg-bits alone, how many of the best allocations to quantize and compare on the validation split, "
+                   "keeping the most accurate (default 1).")
 @normalize_option
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Method hyperparameter override (repeatable).")
 @click.option("--calib-samples", type=click.IntRange(1), default=2048, show_default=True,
