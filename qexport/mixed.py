@@ -145,14 +145,15 @@ def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget, met
             tried[key] = (result, q, Step(limit, nbytes, round(nbits / max(params, 1), 3), predicted(choice), m, drop, met), choice)
         return tried[key]
 
+    # the size limit (--avg-bits alone: the bytes of the exact allocation under its bit limit)
     top = budget.size_bytes if budget.size_bytes is not None else size(at(None))[0]
-    best = step(top)
+    best = step(top, at(budget.size_bytes))
     if compare:  # the next-best allocations: each layer in turn denied its chosen width
         first = best[3]
         others = []
         for s in layers:
             try:
-                others.append(at(top, frozenset({(s.name, first[s.name])})))
+                others.append(at(budget.size_bytes, frozenset({(s.name, first[s.name])})))
             except UserError:  # that layer has no other width that fits
                 continue
         for choice in sorted({tuple(sorted(c.items())): c for c in others if c != first}.values(), key=predicted)[:steps - 1]:
