@@ -8,6 +8,7 @@ run in `--out`, and a table per model.
 
     python benchmarks/mixed.py --out benchmarks/results/mixed.jsonl
     python benchmarks/mixed.py --models digits-mlp --methods gptq,ldnq --out runs/mixed.jsonl
+    python benchmarks/mixed.py --budgets-only --max-steps 4 --out runs/copy-of-mixed.jsonl  # best of 4 allocations
 """
 from __future__ import annotations
 
