@@ -75,11 +75,13 @@ class GPTQ:
         upper triangular: one Cholesky and one triangular inverse, half the work of inverting H and
         factoring the inverse (the same U to rounding)."""
         mean_diag = float(torch.diagonal(h).mean()) or 1.0
+        flipped = h.flip(0, 1)  # JHJ, whose diagonal is H's reversed
         for k in range(6):
-            hd = h + (damp * 10**k) * mean_diag * torch.eye(len(h), dtype=h.dtype)
-            lo, info = torch.linalg.cholesky_ex(hd.flip(0, 1))
-            if int(info) == 0:
-                inv, info = lapack.dtrtri(lo.numpy(), lower=1)
+            hd = flipped.clone()
+            hd.diagonal().add_((damp * 10**k) * mean_diag)
+            lo, info = torch.linalg.cholesky_ex(hd)
+            if int(info) == 0:  # torch's factor is column-major: LAPACK inverts it in place, without a copy
+                inv, info = lapack.dtrtri(lo.numpy(), lower=1, overwrite_c=1)
                 if info == 0:
                     return torch.from_numpy(inv).flip(0, 1).contiguous()
         raise RuntimeError("GPTQ: the input Hessian stays singular after damping")
