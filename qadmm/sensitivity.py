@@ -220,6 +220,11 @@ def along(model: nn.Module, replaced: dict[str, dict[str, torch.Tensor]], data: 
 FLOAT = 32  # the width of a layer kept float (fp32 weights, no scale) when an allocation may keep one
 
 
+def relative_error(s: LayerSensitivity, width: int) -> float:
+    """Layer `s`'s relative output error at `width`, 10^(−SQNR/10): what an allocation adds up (0 when float or exact)."""
+    return 0.0 if width == FLOAT or not math.isfinite(s.sqnr_db[width]) else 10 ** (-s.sqnr_db[width] / 10)
+
+
 def cost(s: LayerSensitivity, width: int) -> tuple[int, int]:
     """(bytes, code bits) of layer `s` at `width`: codes and scales as `inspect` counts them, or fp32 weights."""
     return (4 * s.params, FLOAT * s.params) if width == FLOAT else (s.bytes[width], s.params * width)
@@ -241,9 +246,6 @@ def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_b
     even the narrowest widths do not fit."""
     from qadmm.errors import UserError
 
-    def eps(s: LayerSensitivity, b: int) -> float:
-        return 0.0 if b == FLOAT or not math.isfinite(s.sqnr_db[b]) else 10 ** (-s.sqnr_db[b] / 10)
-
     def fits(nbytes: int, nbits: int) -> bool:
         return (max_bytes is None or nbytes <= max_bytes) and (max_bits is None or nbits <= max_bits)
 
@@ -260,7 +262,7 @@ def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_b
                         f"width allowed ({narrow}): raise --avg-bits or allow narrower --bit-choices")
     if (max_bytes is None) != (max_bits is None):  # one limit: the exact optimum
         k, limit = (0, max_bytes) if max_bytes is not None else (1, max_bits)
-        picks = knapsack([[(cost(s, b)[k], eps(s, b)) for b in options[s.name]] for s in layers], limit)
+        picks = knapsack([[(cost(s, b)[k], relative_error(s, b)) for b in options[s.name]] for s in layers], limit)
         return {s.name: options[s.name][j] for s, j in zip(layers, picks)}
     while True:
         best = None
@@ -270,7 +272,7 @@ def allocate(layers: list[LayerSensitivity], max_bytes: int | None = None, max_b
                 new = cost(s, b)
                 extra = new[0] - cur[0]
                 if b > choice[s.name] and fits(used[0] + extra, used[1] + new[1] - cur[1]):
-                    gain = (eps(s, choice[s.name]) - eps(s, b)) / max(extra, 1)
+                    gain = (relative_error(s, choice[s.name]) - relative_error(s, b)) / max(extra, 1)
                     if gain > 0 and (best is None or gain > best[0]):
                         best = (gain, s, b)
         if best is None:

@@ -29,7 +29,7 @@ from torch import nn
 from qadmm import methods
 from qadmm.data import Dataset
 from qadmm.errors import UserError
-from qadmm.sensitivity import FLOAT, Judge, allocate, as_json, cost, sensitivity
+from qadmm.sensitivity import FLOAT, Judge, allocate, as_json, cost, relative_error, sensitivity
 from qadmm.spec import QuantResult, QuantSpec
 from qadmm.train import predict
 
@@ -123,7 +123,7 @@ def search(model: nn.Module, data: Dataset, spec: QuantSpec, budget: Budget, met
         return tuple(sum(cost(s, choice[s.name])[k] for s in layers) for k in (0, 1))  # type: ignore[return-value]
 
     def predicted(choice: dict[str, int]) -> float:
-        return sum(10 ** (-s.sqnr_db[b] / 10) for s in layers if (b := choice[s.name]) != FLOAT and math.isfinite(s.sqnr_db[b]))
+        return sum(relative_error(s, choice[s.name]) for s in layers)
 
     tried: dict[tuple, tuple[QuantResult, QuantSpec, Step, dict[str, int]]] = {}
 
