@@ -213,15 +213,19 @@ def _load_raw(name: str, data_dir: Path, path: Path | None, label_column: str | 
         try:
             with np.load(_need(path, name), allow_pickle=False) as z:
                 if "x" in z and not any(k in z for k in ("x_train", "y_train", "x_test", "y_test")):
-                    x = z["x"]  # unlabelled inputs: 20% held out (by seed) to compare with the float model
+                    # inputs, with labels y or without: 20% held out (by seed) for the test split
+                    x, y = z["x"], (z["y"] if "y" in z else None)
+                    if y is not None and len(y) != len(x):
+                        raise UserError(f"{path}: x has {len(x)} samples but y has {len(y)}: give one label per sample")
                     order = rng.permutation(len(x))
                     cut = len(x) - max(1, int(round(0.2 * len(x))))
-                    return (x[np.sort(order[:cut])], None, x[np.sort(order[cut:])], None,
-                            {"source": str(path), "split": "unlabelled, 80/20 by seed"})
+                    train, test = np.sort(order[:cut]), np.sort(order[cut:])
+                    return (x[train], None if y is None else y[train], x[test], None if y is None else y[test],
+                            {"source": str(path), "split": f"{'labelled' if y is not None else 'unlabelled'}, 80/20 by seed"})
                 missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z]
                 if missing:
                     raise UserError(f"{path}: missing arrays {missing}; an npz dataset holds x_train, y_train, x_test, "
-                                    "y_test (labelled) or just x (unlabelled inputs)")
+                                    "y_test, or x and y (split 80/20 by seed), or just x (unlabelled inputs)")
                 xtr, ytr, xte, yte = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
         except (ValueError, OSError) as e:
             if isinstance(e, UserError):

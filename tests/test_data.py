@@ -50,6 +50,13 @@ def test_npz_and_csv(tmp_path):
              x_test=rng.normal(size=(10, 3)), y_test=rng.integers(0, 2, 10))
     d = load_dataset(str(tmp_path / "d.npz"))
     assert d.input_shape == (3,) and len(d.y_test) == 10
+    # x and y alone: labelled, 20% held out by seed (the labels were once dropped without a word)
+    np.savez(tmp_path / "xy.npz", x=rng.normal(size=(50, 3)), y=rng.integers(0, 3, 50))
+    d = load_dataset(str(tmp_path / "xy.npz"))
+    assert d.labelled and len(d.y_test) == 10 and len(d.y_train) + len(d.y_val) == 40
+    np.savez(tmp_path / "bad.npz", x=rng.normal(size=(50, 3)), y=rng.integers(0, 3, 49))
+    with pytest.raises(UserError, match="x has 50 samples but y has 49"):
+        load_dataset(str(tmp_path / "bad.npz"))
     (tmp_path / "d.csv").write_text("a,b,label\n" + "\n".join(f"{i},{i * 2},{i % 2}" for i in range(30)))
     d = load_dataset(str(tmp_path / "d.csv"), label_column="label")
     assert d.input_shape == (2,) and d.num_classes == 2
