@@ -156,3 +156,34 @@ def test_starts_side_by_side_give_the_codes_of_one_after_another(bits, per_chann
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one.q, two.q) and torch.equal(one.alpha, two.alpha) and one.error == two.error
+
+
+@pytest.mark.parametrize("bits, per_channel", [(8, True), (4, True), (8, False), (2, True)])
+def test_a_large_tensor_fits_on_a_sample_almost_as_well_as_on_every_weight(bits, per_channel, monkeypatch):
+    """From SAMPLED_FIT weights the starts are compared on a sample of each row and only the best is
+    refined on the whole rows: its error is within 1 % of the search on every weight (here from 0.01 %
+    below to 0.03 % above per channel, 5 % below per tensor at 8 bits), never above the max-based
+    start, the same with one thread or several, and a tensor already α·Q comes back as that pair."""
+    import qadmm.codes as C
+
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(512, 576, generator=gen) * torch.rand(512, 1, generator=gen)  # 294,912 weights
+    w[:, ::97] *= 4  # a few large weights per row, as trained layers have
+    assert w.numel() >= C.SAMPLED_FIT
+    cs = CodeSet.default(bits)
+    sampled = fit(w, cs, per_channel)
+    rows = w.double().reshape(512 if per_channel else 1, -1)
+    at_max = float(C._alternate(rows, cs, rows.abs().amax(1) / cs.qmax, 0, 3)[2].sum())
+    assert sampled.error <= at_max * (1 + 1e-6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(C._fit(w, cs, per_channel, None, 30, 3, workers=3).q, sampled.q)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(C, "SAMPLED_FIT", 2**40)  # the search on every weight
+    assert sampled.error <= fit(w, cs, per_channel).error * 1.01
+    again = fit(sampled.dequantize(), cs, per_channel)
+    monkeypatch.undo()
+    again_sampled = fit(sampled.dequantize(), cs, per_channel)
+    assert torch.equal(again_sampled.q, sampled.q) and torch.equal(again_sampled.q, again.q)
