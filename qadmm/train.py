@@ -34,7 +34,12 @@ def predict(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 10
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
     """Top-1 accuracy in percent."""
-    return float((predict(model, x, batch_size).argmax(1).numpy() == y).mean() * 100)
+    return top1(predict(model, x, batch_size), y)
+
+
+def top1(logits: torch.Tensor, y: np.ndarray) -> float:
+    """Top-1 accuracy in percent of logits already computed (`predict`) against labels y."""
+    return float((logits.argmax(1).numpy() == y).mean() * 100)
 
 
 def agreement(reference: torch.Tensor, other: torch.Tensor, classifier: bool) -> dict:

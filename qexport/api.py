@@ -28,7 +28,7 @@ from qadmm import methods
 from qadmm.data import Dataset, from_arrays
 from qadmm.errors import UserError
 from qadmm.spec import QuantSpec
-from qadmm.train import accuracy, agreement, predict
+from qadmm.train import accuracy, agreement, predict, top1
 from qadmm.zoo import Normalize
 from qexport.artifact import Artifact, load_artifact
 from qexport.config import Config, config
@@ -151,11 +151,11 @@ def _artifact(model: nn.Module, graph, data: Dataset, method: str, spec: QuantSp
     its metadata is built (what produced it, how well it does against the float model)."""
     out_shape = graph.shapes.get(OUTPUT, [])
     classifier = data.labelled
-    float_acc = accuracy(model, data.x_test, data.y_test) if classifier else None
-    q_acc = accuracy(result.model, data.x_test, data.y_test) if classifier else None
-    with torch.no_grad():
-        x_test = torch.as_tensor(data.x_test)
-        agree = agreement(predict(model, x_test), predict(result.model, x_test), classifier and len(out_shape) == 1)
+    x_test = torch.as_tensor(data.x_test)
+    float_out, q_out = predict(model, x_test), predict(result.model, x_test)  # once each: accuracy and agreement
+    float_acc = top1(float_out, data.y_test) if classifier else None
+    q_acc = top1(q_out, data.y_test) if classifier else None
+    agree = agreement(float_out, q_out, classifier and len(out_shape) == 1)
     meta = {
         "architecture": {"model": provenance.model_name or type(model).__name__, "input_shape": list(data.input_shape),
                          **({"num_classes": out_shape[0]} if classifier else {}), "output_shape": list(out_shape),
