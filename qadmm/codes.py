@@ -303,7 +303,8 @@ def _fit(v: torch.Tensor, codes: CodeSet, per_channel: bool, alpha0: torch.Tenso
             done = list(pool.map(run, tasks))
     else:
         done = [run(task) for task in tasks]
-    results = [tuple(torch.cat(x) for x in zip(*done[i:i + parts])) for i in range(0, len(done), parts)]
+    # one result per start, its pieces joined (a start in one piece is taken as it is: no copy)
+    results = done if parts == 1 else [tuple(torch.cat(x) for x in zip(*done[i:i + parts])) for i in range(0, len(done), parts)]
     best = None
     for a, q, e in results:  # in the order of the starts, whichever finished first
         if best is None:

@@ -30,7 +30,7 @@ from qadmm.layers import select_layers
 from qadmm.layerwise import Solver, layer_codes, output_error
 from qadmm.recalibrate import batchnorms, reestimate_bn
 from qadmm.spec import QuantSpec
-from qadmm.train import agreement, predict
+from qadmm.train import agreement, predict, top1
 
 
 EVAL_BATCH = 256  # small enough that a CNN's activations stay in cache: 2.5x faster than 1024 on ResNet-20
@@ -94,7 +94,7 @@ class Judge:
 
     def __call__(self, out: torch.Tensor) -> float:
         if self.y is not None:
-            return float((out.argmax(1).numpy() == self.y).mean() * 100)
+            return top1(out, self.y)
         a = agreement(self.ref, out, self.classifier)
         v = a["top1_agreement"] if self.classifier else a["sqnr_db"]
         return math.inf if v is None else float(v)  # None: identical outputs
