@@ -64,6 +64,15 @@ def _small_swin() -> nn.Module:
                            stochastic_depth_prob=0.1, num_classes=10)
 
 
+def _small_maxvit() -> nn.Module:
+    import_torchvision()
+    from torchvision.models.maxvit import MaxVit
+
+    # 64x64 halves five times to 2x2: windows and grid cells of 2x2 (torchvision's maxvit_t needs 224x224)
+    return MaxVit(input_size=(64, 64), stem_channels=32, partition_size=2, block_channels=[32, 64, 128, 256],
+                  block_layers=[1, 1, 1, 1], head_dim=16, stochastic_depth_prob=0.1, num_classes=10)
+
+
 def _timm(name: str, **kw) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         import_torchvision()  # timm imports torchvision
@@ -87,11 +96,21 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "densenet121": _torchvision("densenet121"),
     "googlenet": _torchvision("googlenet", aux_logits=False, init_weights=True),
     "convnext_tiny": _torchvision("convnext_tiny"),
+    "mobilenet_v3_large": _torchvision("mobilenet_v3_large"),
+    "efficientnet_v2_s": _torchvision("efficientnet_v2_s"),
+    "regnet_y_400mf": _torchvision("regnet_y_400mf"),
+    "resnet50": _torchvision("resnet50"),
+    "resnext50_32x4d": _torchvision("resnext50_32x4d"),
+    "alexnet": _torchvision("alexnet"),
     "swin (small config)": _small_swin,
+    "maxvit (small config)": _small_maxvit,
     "vit (4 layers x 128 wide)": _small_vit,
     "timm resnet18": _timm("resnet18"),
     "timm deit_tiny": _timm("deit_tiny_patch16_224", img_size=64),
     "timm mobilevit_xxs": _timm("mobilevit_xxs"),
+    "timm levit_128s": _timm("levit_128s", img_size=64),
+    "timm efficientvit_b0": _timm("efficientvit_b0"),
+    "timm efficientvit_m0": _timm("efficientvit_m0", img_size=64),
 }
 
 

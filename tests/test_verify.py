@@ -8,7 +8,11 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
+from torch import nn
+
+import qexport
 
 from qexport.cpu import cpu_flags
 from tests_helpers import run_cli
@@ -184,6 +188,74 @@ def test_qlinearadd_reference_equals_onnxruntime_on_every_input_pair():
         p = [QParams(s[i], z[i]) for i in range(3)]
         ours = qadd(torch.from_numpy(a.astype(np.int64)), p[0], torch.from_numpy(b.astype(np.int64)), p[1], p[2])
         assert np.array_equal(ours.numpy().astype(np.uint8), got), (s, z)
+
+
+def test_quantize_reference_maps_nan_and_infinities_as_onnxruntime():
+    """A float island can compute 0/0 (efficientvit's linear attention divides by a sum that
+    quantizes to 0): onnxruntime's QuantizeLinear makes NaN code 0 and saturates ±inf; the
+    reference must give the same bytes, or verify fails a correct file by 2^63 steps."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    from qexport.ops.integer import QParams, to_uint8
+
+    x = np.array([np.nan, np.inf, -np.inf, 1.0, -1.0, 0.0, 1e30, -1e30] * 5, np.float32)
+    for zp in (0, 37, 128, 255):
+        inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(zp, np.uint8), "z")]
+        graph = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])], "q",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.size])],
+                                  [helper.make_tensor_value_info("y", TensorProto.UINT8, [x.size])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        ours = to_uint8(torch.from_numpy(x), QParams(np.float32(0.1), np.uint8(zp)))
+        assert np.array_equal(ours.numpy(), got.astype(np.int64)), (zp, ours.numpy()[:8], got[:8])
+
+
+class Ratio(nn.Module):
+    """A mix of h over the sum of h, (W h) / (Σh + 1e-6), as efficientvit's linear attention divides
+    by a sum: quantized, the sum loses the 1e-6 in its step, and where every h is 0 the integer
+    graph computed 0/0, which QuantizeLinear turns into the lowest code, not 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 32)
+        self.mix = nn.Linear(32, 16, bias=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x.flatten(1)))
+        return self.head(self.mix(h) / (h.sum(-1, keepdim=True) + 1e-6))
+
+
+@pytest.mark.parametrize("form", ["qdq", "qoperator"])
+def test_consecutive_float_islands_pass_float_values(digits, tmp_path, form):
+    from qexport.graph import fuse
+    from qexport.onnx.integer_graph import float_values
+    from qexport.ops.emit import qname
+
+    torch.manual_seed(0)
+    model = Ratio().eval()
+    with torch.no_grad():
+        model.fc.bias.sub_(10.0)  # every h is 0 on two thirds of the test samples
+    art = qexport.quantize(model, digits, "ptq", 8, per_channel=True)
+    path = tmp_path / f"ratio-{form}.onnx"
+    qexport.to_onnx(art, path, form, digits)
+    floats = float_values(fuse(art.graph), art.layers)
+    assert len(floats) == 2  # the sum and the sum + 1e-6: read only by float ops
+    quantized = {o for n in onnx.load(path).graph.node if n.op_type == "QuantizeLinear" for o in n.output}
+    assert not {qname(v) for v in floats} & quantized
+    report = qexport.verify(path, art, digits)
+    assert report["passed"], report["runs"]
+    import onnxruntime as ort
+
+    x = np.asarray(digits.x_test, np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = model(torch.as_tensor(x)).numpy()
+    assert np.isfinite(got).all()
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95  # with the sum quantized: 0.34
 
 
 # ---------------------------------------------------------------------------------------------

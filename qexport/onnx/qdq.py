@@ -12,7 +12,7 @@ dequantized values, which agrees with the integer kernels up to one step at roun
 from __future__ import annotations
 
 from qexport.ops.emit import qname, relu_node
-from qexport.onnx.integer_graph import end_integer_graph, float_island, start_integer_graph
+from qexport.onnx.integer_graph import computes_float, end_integer_graph, float_island, start_integer_graph
 from qexport.ops import KINDS
 from qexport.ops.base import Op
 
@@ -23,7 +23,7 @@ def export_qdq(art, ops: list[Op], qp: dict, calib: dict, opset: int | None = No
     for op in ops:
         kind = KINDS[op.kind]
         core = f"{op.out}.prerelu" if op.relu else f"{op.out}.float"
-        if not kind.float_input and kind.qdq(ctx, op, [ctx.qpi.dq(i) for i in op.inputs], core):
+        if not kind.float_input and not computes_float(ctx, op) and kind.qdq(ctx, op, [ctx.qpi.dq(i) for i in op.inputs], core):
             y = relu_node(b, op, core, f"{op.out}.float") if op.relu else core
             b.node("QuantizeLinear", [y, *ctx.qpi(op.out)], qname(op.out))
         else:

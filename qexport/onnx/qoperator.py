@@ -14,7 +14,7 @@ float op -> QuantizeLinear.
 from __future__ import annotations
 
 from qexport.ops.emit import qname
-from qexport.onnx.integer_graph import end_integer_graph, float_island, start_integer_graph
+from qexport.onnx.integer_graph import computes_float, end_integer_graph, float_island, start_integer_graph
 from qexport.ops import KINDS
 from qexport.ops.base import Op
 
@@ -22,6 +22,6 @@ from qexport.ops.base import Op
 def export_qoperator(art, ops: list[Op], qp: dict, calib: dict, opset: int | None = None):
     ctx = start_integer_graph(art, ops, qp, opset)
     for op in ops:
-        if not KINDS[op.kind].qoperator(ctx, op, [qname(i) for i in op.inputs], qname(op.out)):
+        if computes_float(ctx, op) or not KINDS[op.kind].qoperator(ctx, op, [qname(i) for i in op.inputs], qname(op.out)):
             float_island(ctx, op)
     return end_integer_graph(ctx, art, "qoperator", calib)

@@ -40,7 +40,7 @@ from qexport.onnx.builder import read_metadata
 from qexport.ops.emit import integer_layer, qname
 from qexport.onnx.forms import FORMS
 from qexport.ops.integer import QParams, from_uint8, to_uint8
-from qexport.onnx.integer_graph import reads_input
+from qexport.onnx.integer_graph import computes_float, float_values, reads_input
 from qexport.ops import KINDS
 from qexport.ops.base import INPUT, OUTPUT, Ctx, Op
 from qexport.cpu import cpu_has_vnni
@@ -65,10 +65,11 @@ def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tenso
                       islands: set[str] | None = None, every_value: bool = True) -> dict[str, torch.Tensor]:
     """Every uint8 value of the qdq/qoperator graph (as int64 tensors, keyed by tensor name), and
     the float `logits`, computed from the artifact with onnxruntime's integer arithmetic; the
-    values computed by float islands are added to `islands` when given. With `every_value`
-    False only the output is kept (each value is freed after its last reader: a large graph's
-    values, as int64, would not fit in memory at once)."""
-    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes)
+    values computed by float islands are added to `islands` when given; a value the graph keeps
+    in float (`float_values`) is a float32 tensor. With `every_value` False only the output is kept
+    (each value is freed after its last reader: a large graph's values, as int64, would not fit in
+    memory at once)."""
+    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers))
     q: dict[str, torch.Tensor] = {}
     last = {v: k for k, op in enumerate(ops) for v in op.inputs}
     if INPUT in qp:
@@ -86,18 +87,23 @@ def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tenso
 
 def integer_op(ctx: Ctx, op: Op, qin: list[torch.Tensor], x: torch.Tensor, qp: dict[str, QParams],
                islands: set[str] | None = None) -> torch.Tensor:
-    """One op's uint8 output (int64 tensor) from its inputs' uint8 values `qin`; `x`, the raw
-    input, for an op that reads it (the normalisation; `qin` is then empty)."""
+    """One op's uint8 output (int64 tensor) from its inputs' values `qin` (uint8 as int64, or
+    float32 for a value kept in float); `x`, the raw input, for an op that reads it (the
+    normalisation; `qin` is then empty). A value in `ctx.floats` comes back in float32."""
     kind = KINDS[op.kind]
-    y = None if kind.float_input else kind.integer(ctx, op, qin)
+    integer = not kind.float_input and kind.runs_integer(op, ctx.layers) and not computes_float(ctx, op)
+    y = kind.integer(ctx, op, qin) if integer else None
     raw = kind.input_qparams(op, qp[op.out]) if kind.float_input else None
     if raw is not None:  # folded into the input's QuantizeLinear
         y = to_uint8(x, raw)
-    if y is None:  # float island: DQ -> float op -> Q
+    if y is None:  # float island: DQ -> float op -> Q (minus what stays float)
         if islands is not None and not kind.float_input:
             islands.add(op.out)
-        xs = [x] if kind.float_input else [from_uint8(v, qp[i]) for v, i in zip(qin, op.inputs)]
-        y = to_uint8(apply_op(op, xs), qp[op.out])
+        xs = [x] if kind.float_input else [v if v.is_floating_point() else from_uint8(v, qp[i]) for v, i in zip(qin, op.inputs)]
+        f = apply_op(op, xs)
+        if op.out in ctx.floats:
+            return f.to(torch.float32)
+        y = to_uint8(f, qp[op.out])
     return y.to(torch.int64)
 
 
@@ -107,7 +113,7 @@ def layerwise_steps(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor,
     """Per op, in execution order: the reference op applied to onnxruntime's own uint8 inputs of
     that op (`got`, by tensor name), against onnxruntime's output of it; max |Δ| in steps. The raw
     input is quantized by the reference; a value onnxruntime does not expose is the reference's."""
-    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes)
+    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers))
     vals: dict[str, torch.Tensor] = {}
     out = []
     if INPUT in qp:
@@ -153,8 +159,9 @@ def float_reference(ops: list[Op], x: torch.Tensor) -> dict[str, torch.Tensor]:
     return vals
 
 
-def read_qparams(model, ops: list[Op]) -> dict[str, QParams]:
-    """Activation scales and zero points from the file (`<tensor>.scale`, `<tensor>.zero_point`)."""
+def read_qparams(model, ops: list[Op], floats: set[str] = frozenset()) -> dict[str, QParams]:
+    """Activation scales and zero points from the file (`<tensor>.scale`, `<tensor>.zero_point`);
+    a value kept in float (`floats`) has them only when a move of it is quantized."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -170,7 +177,10 @@ def read_qparams(model, ops: list[Op]) -> dict[str, QParams]:
     if reads_input(ops):
         qp[INPUT] = get(INPUT)
     for op in ops:
-        qp[op.out] = qp[op.inputs[0]] if KINDS[op.kind].pass_through else get(op.out)
+        if KINDS[op.kind].pass_through and op.inputs[0] in qp:
+            qp[op.out] = qp[op.inputs[0]]
+        elif op.out not in floats or f"{qname(op.out)}.scale" in inits:
+            qp[op.out] = get(op.out)
     return qp
 
 
@@ -303,7 +313,7 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
     integer = FORMS[form].integer
     xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
     try:
-        qp = read_qparams(model, ops) if integer else None
+        qp = read_qparams(model, ops, float_values(ops, art.layers)) if integer else None
     except (ValueError, TypeError, IndexError) as e:  # a quantization parameter of the wrong type or shape
         if isinstance(e, UserError):
             raise

@@ -39,16 +39,17 @@ class Add(Kind):
         other = ins[1] if len(ins) > 1 else ctx.b.init(f"{out}.constant", np.float32(op.attrs["constant"]))
         return ctx.b.node("Add", [ins[0], other], out)
 
+    def runs_integer(self, op: Op, layers: dict) -> bool:
+        return len(op.inputs) == 2  # a tensor plus a constant: a float island
+
     def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if len(ins) != 2:
+        if not self.runs_integer(op, ctx.layers):
             return False
         qpi = ctx.qpi
         ctx.b.node("QLinearAdd", [ins[0], *qpi(op.inputs[0]), ins[1], *qpi(op.inputs[1]), *qpi(op.out)], out, domain=MS_DOMAIN)
         return True
 
     def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
-        if len(qs) != 2:
-            return None
         qp = ctx.qp
         return qadd(qs[0], qp[op.inputs[0]], qs[1], qp[op.inputs[1]], qp[op.out])
 

@@ -72,16 +72,17 @@ class AvgPool(Kind):
         return ctx.b.node("AveragePool", ins, out, kernel_shape=a["kernel_size"], strides=a["stride"], pads=a["padding"] * 2,
                           ceil_mode=int(a["ceil_mode"]), count_include_pad=int(a["count_include_pad"]))
 
+    def runs_integer(self, op: Op, layers: dict) -> bool:
+        return bool(op.attrs.get("global")) and not op.relu
+
     def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if not op.attrs.get("global") or op.relu:
+        if not self.runs_integer(op, ctx.layers):
             return False
         ctx.b.node("QLinearGlobalAveragePool", [ins[0], *ctx.qpi(op.inputs[0]), *ctx.qpi(op.out)], out, domain=MS_DOMAIN,
                    channels_last=0)
         return True
 
     def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
-        if not op.attrs.get("global") or op.relu:
-            return None
         return qgap(qs[0], ctx.qp[op.inputs[0]], ctx.qp[op.out])
 
     def c(self, cg, op: Op) -> bool:

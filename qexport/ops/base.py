@@ -70,6 +70,7 @@ class Ctx:
     ops: list = field(default_factory=list)  # the (fused) ops being written
     input_shape: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)
+    floats: set = field(default_factory=set)  # values the integer forms keep in float (`float_values`)
 
     def examples(self, op: "Op") -> tuple[list[torch.Tensor], list[list[int]]]:
         """Example values of `op`'s inputs (the graph run on a batch of 2) and, per input, the
@@ -120,6 +121,11 @@ class Kind:
         return op.module(xs[0])
 
     # -- ONNX ----------------------------------------------------------------------------------
+    def runs_integer(self, op: Op, layers: dict) -> bool:
+        """Whether the integer forms compute this op with an integer kernel (`integer`, `qoperator`,
+        `qdq`); otherwise it is a float island (DequantizeLinear -> float op -> QuantizeLinear)."""
+        return False
+
     def onnx(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> str:
         raise NotImplementedError(self.name)
 
@@ -167,6 +173,9 @@ class Reshaping(Kind):
     value itself, which keeps its input's scale and zero point."""
 
     pass_through = True
+
+    def runs_integer(self, op: Op, layers: dict) -> bool:
+        return True
 
     def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
         self.onnx(ctx, op, ins, out)

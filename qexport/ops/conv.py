@@ -50,22 +50,23 @@ class Conv(Kind):
     def onnx(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> str:
         return ctx.b.node("Conv", [ins[0], float_weight(ctx, op), *float_bias(ctx, op)], out, **self.attrs(op))
 
+    def runs_integer(self, op: Op, layers: dict) -> bool:
+        return op.name in layers  # a layer left in float is a float island
+
     def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if op.name not in ctx.layers:
+        if not self.runs_integer(op, ctx.layers):
             return False
         _, (w, ws, wz, bias) = int_weight(ctx, op)
         ctx.b.node("QLinearConv", [ins[0], *ctx.qpi(op.inputs[0]), w, ws, wz, *ctx.qpi(op.out), bias], out, **self.attrs(op))
         return True
 
     def qdq(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if op.name not in ctx.layers:
+        if not self.runs_integer(op, ctx.layers):
             return False
         ctx.b.node("Conv", [ins[0], *dq_weight_and_bias(ctx, op)], out, **self.attrs(op))
         return True
 
     def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
-        if op.name not in ctx.layers:
-            return None
         a = op.attrs
         conv = F.conv1d if a["dim"] == 1 else F.conv2d
         il = integer_layer(op, ctx.layers[op.name], ctx.qp[op.inputs[0]].scale)

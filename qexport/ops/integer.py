@@ -27,9 +27,11 @@ class QParams:
 
 
 def to_uint8(x: torch.Tensor, p: QParams) -> torch.Tensor:
-    """ORT QuantizeLinear to uint8: x / s in fp32, clamp to [-zp, 255-zp], round half even, + zp."""
+    """ORT QuantizeLinear to uint8: x / s in fp32, clamp to [-zp, 255-zp], round half even, + zp.
+    NaN becomes code 0 and ±inf saturates, as in onnxruntime (a float island's 0/0 must not become
+    an arbitrary integer here)."""
     zp = float(p.zero_point)
-    v = x.to(torch.float32) / torch.tensor(p.scale, dtype=torch.float32)
+    v = torch.nan_to_num(x.to(torch.float32) / torch.tensor(p.scale, dtype=torch.float32), nan=-zp)
     return torch.round(torch.clamp(v, -zp, 255.0 - zp)).to(torch.int64) + int(p.zero_point)
 
 

@@ -44,8 +44,11 @@ class Linear(Kind):
         y = b.node("MatMul", [ins[0], wt], f"{out}.matmul" if bias else out)
         return b.node("Add", [y, bias[0]], out) if bias else y
 
+    def runs_integer(self, op: Op, layers: dict) -> bool:
+        return op.name in layers  # a layer left in float is a float island
+
     def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if op.name not in ctx.layers:
+        if not self.runs_integer(op, ctx.layers):
             return False
         _, (w, ws, wz, bias) = int_weight(ctx, op)
         x = ins[0] if self.on_rows(ctx, op) else to_rows(ctx, op, ins[0])
@@ -56,7 +59,7 @@ class Linear(Kind):
         return True
 
     def qdq(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
-        if op.name not in ctx.layers:
+        if not self.runs_integer(op, ctx.layers):
             return False
         x = ins[0] if self.on_rows(ctx, op) else to_rows(ctx, op, ins[0])
         y = ctx.b.node("Gemm", [x, *dq_weight_and_bias(ctx, op)], out if self.on_rows(ctx, op) else f"{out}.rows", transB=1)
@@ -65,8 +68,6 @@ class Linear(Kind):
         return True
 
     def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
-        if op.name not in ctx.layers:
-            return None
         il = integer_layer(op, ctx.layers[op.name], ctx.qp[op.inputs[0]].scale)
         x = qs[0].reshape(-1, qs[0].shape[-1])
         y = qlinear(il, x, ctx.qp[op.inputs[0]], ctx.qp[op.out], lambda x, w: x @ w.T)

@@ -43,6 +43,9 @@ class MaxPool(Kind):
         return ctx.b.node("MaxPool", ins, out, kernel_shape=a["kernel_size"], strides=a["stride"], pads=a["padding"] * 2,
                           dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
 
+    def runs_integer(self, op: Op, layers: dict) -> bool:
+        return True  # the max of uint8 values is the uint8 of the max
+
     def qoperator(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> bool:
         self.onnx(ctx, op, ins, out)
         return True
