@@ -64,6 +64,15 @@ def _small_swin() -> nn.Module:
                            stochastic_depth_prob=0.1, num_classes=10)
 
 
+def _small_swin_v2() -> nn.Module:
+    import_torchvision()
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=48, depths=[2, 2], num_heads=[3, 6], window_size=[4, 4],
+                           stochastic_depth_prob=0.1, num_classes=10, block=SwinTransformerBlockV2,
+                           downsample_layer=PatchMergingV2)
+
+
 def _small_maxvit() -> nn.Module:
     import_torchvision()
     from torchvision.models.maxvit import MaxVit
@@ -103,6 +112,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "resnext50_32x4d": _torchvision("resnext50_32x4d"),
     "alexnet": _torchvision("alexnet"),
     "swin (small config)": _small_swin,
+    "swin_v2 (small config)": _small_swin_v2,
     "maxvit (small config)": _small_maxvit,
     "vit (4 layers x 128 wide)": _small_vit,
     "timm resnet18": _timm("resnet18"),
@@ -115,12 +125,16 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 
 
 def build(name: str, seed: int = 0, x: torch.Tensor | None = None) -> nn.Module:
-    """Model `name` with weights drawn from `seed`, in eval mode. With images `x`, BatchNorm's
+    """Model `name` with weights drawn from `seed` (a layer its constructor sets to zero drawn as
+    PyTorch draws any other), in eval mode. With images `x`, BatchNorm's
     running statistics are those of `x` (one pass in train mode, cumulative average), as a trained
     network's would be of its data: then BatchNorm re-estimation on the same kind of images changes
     little, and agreement with the float model measures the quantization, not the statistics."""
     torch.manual_seed(seed)
     model = ZOO[name]().eval()
+    for m in model.modules():  # torchvision's ViT starts its head at 0: every logit 0, agreement 100 % whatever
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not m.weight.detach().any():  # the quantization
+            m.reset_parameters()
     if x is not None:
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in bns:

@@ -199,6 +199,11 @@ OP_MODELS.update({
     "parameter-in-forward": ParamInForward,
     "softmax-implicit-dim": lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmax()),
     "mean-over-channels": lambda: nn.Sequential(nn.Conv2d(1, 4, 3), MeanChannels(), nn.Flatten(), nn.Linear(36, 10)),
+    # output sizes that do not divide the input's (torch.onnx's own translation refuses them; AlexNet
+    # and VGG pool to 6x6 / 7x7 whatever the image): products with constant pooling matrices
+    "adaptive-pool-6-to-4": lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 10)),
+    "adaptive-pool-1-to-3": lambda: nn.Sequential(nn.Conv2d(1, 4, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(3), nn.Flatten(),
+                                                  nn.Linear(36, 10)),
 })
 
 
@@ -229,15 +234,24 @@ def test_unsupported_is_refused_at_quantize_time(digits01, make, needle):
         qexport.quantize(make(), digits01, "ptq", 4)
 
 
-def test_what_onnx_cannot_express_is_refused_at_export_with_the_op(tmp_path, digits01):
-    """An adaptive pool from 6 to 4 is captured and quantized (it runs in PyTorch), but ONNX has
-    no operator for it: `to_onnx` names the op and torch.onnx's reason, and writes nothing."""
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 10))
+def test_what_onnx_cannot_express_is_refused_at_export_with_the_op(tmp_path, digits01, monkeypatch):
+    """An op torch.onnx cannot translate (here: torch.onnx made to refuse the sigmoid) was captured
+    and quantized (it runs in PyTorch): `to_onnx` names the op and torch.onnx's reason, and writes
+    nothing."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 10), nn.Sigmoid())
     art = qexport.quantize(model, digits01, "ptq", 8)
-    assert [op.kind for op in art.graph.ops] == ["conv", "aten", "flatten", "linear"]
+    assert [op.kind for op in art.graph.ops] == ["conv", "aten", "flatten", "linear", "sigmoid"]
+    export = torch.onnx.export
+
+    def refuse(module, *args, **kwargs):
+        if module.attrs["target"] == "aten.adaptive_avg_pool2d.default":
+            raise RuntimeError("Unsupported: ONNX export of operator adaptive_avg_pool2d in this test")
+        return export(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
     for form in ("weights", "qdq"):
         with pytest.raises(UserError, match=r"op adaptive_avg_pool2d \(aten\.adaptive_avg_pool2d\.default\) cannot be "
-                                            r"written as ONNX: torch\.onnx: .*not factor of input size"):
+                                            r"written as ONNX: torch\.onnx: Unsupported: ONNX export of operator"):
             qexport.to_onnx(art, tmp_path / f"{form}.onnx", form, calib_data=digits01)
         assert not (tmp_path / f"{form}.onnx").exists()
 

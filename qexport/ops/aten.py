@@ -151,6 +151,31 @@ def call(attrs: dict, xs: list, consts: list) -> torch.Tensor:
     return y[attrs["item"]] if "item" in attrs else y  # one output of chunk/unbind/split
 
 
+def pooling_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in): row i averages inputs floor(i·n_in/n_out) .. ceil((i+1)·n_in/n_out) - 1, the
+    bins of PyTorch's adaptive average pooling. Built from Python numbers, so that a trace records
+    it as one constant."""
+    rows = []
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        rows.append([1.0 / (hi - lo) if lo <= j < hi else 0.0 for j in range(n_in)])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+ADAPTIVE_POOLS = {"aten.adaptive_avg_pool2d.default": 2, "aten.adaptive_avg_pool1d.default": 1}
+
+
+def adaptive_pool_by_matrices(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """Adaptive average pooling as products with constant pooling matrices, one per spatial axis:
+    what torch.onnx writes for any output size (its own translation takes only sizes that divide
+    the input's, so AlexNet's and VGG's 6×6 / 7×7 pools on a small image had no ONNX)."""
+    # einsum, not matmul: torch.onnx's trace of a batched matmul reshapes to the example's batch size
+    h, w = (int(s) for s in x.shape[-2:])  # spatial sizes are concrete (only the batch is dynamic)
+    if len(size) == 2:
+        return torch.einsum("nchw,ph,qw->ncpq", x, pooling_matrix(h, size[0]), pooling_matrix(w, size[1]))
+    return torch.einsum("ncw,qw->ncq", x, pooling_matrix(w, size[0]))
+
+
 class _One(nn.Module):
     """One op as a module (its constants as buffers), for torch.onnx to translate."""
 
@@ -161,6 +186,12 @@ class _One(nn.Module):
             self.register_buffer(f"c{j}", c.detach().to(torch.float32) if c.is_floating_point() else c.detach())
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        dims = ADAPTIVE_POOLS.get(self.attrs["target"])
+        if dims is not None:
+            size = self.attrs["args"][1]
+            size = [size] * dims if isinstance(size, int) else size
+            if any(i % o for i, o in zip(xs[0].shape[-dims:], size)):
+                return adaptive_pool_by_matrices(xs[0], size)
         return call(self.attrs, list(xs), [getattr(self, f"c{j}") for j in range(len(self.attrs.get("consts", [])))])
 
 
