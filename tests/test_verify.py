@@ -258,6 +258,24 @@ def test_consecutive_float_islands_pass_float_values(digits, tmp_path, form):
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95  # with the sum quantized: 0.34
 
 
+def test_a_file_that_quantizes_every_value_is_judged_as_written(digits, tmp_path, monkeypatch):
+    """A file written before float islands passed float values on (every value quantized) still
+    passes `verify`: the reference follows which values the file quantizes."""
+    import qexport.onnx.integer_graph as integer_graph
+
+    torch.manual_seed(0)
+    model = Ratio().eval()
+    art = qexport.quantize(model, digits, "ptq", 8, per_channel=True)
+    with monkeypatch.context() as m:
+        m.setattr(integer_graph, "float_values", lambda ops, layers: set())
+        qexport.to_onnx(art, tmp_path / "old.onnx", "qdq", digits)
+    qexport.to_onnx(art, tmp_path / "new.onnx", "qdq", digits)
+    quantizes = [sum(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / f).graph.node) for f in ("old.onnx", "new.onnx")]
+    assert quantizes[0] == quantizes[1] + 2  # the sum and the sum + 1e-6
+    report = qexport.verify(tmp_path / "old.onnx", art, digits)
+    assert report["passed"], report["runs"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Each (form, session mode) against the reference that describes what onnxruntime runs.
 

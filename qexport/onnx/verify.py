@@ -62,14 +62,15 @@ class Tolerance:
 
 @torch.no_grad()
 def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor,
-                      islands: set[str] | None = None, every_value: bool = True) -> dict[str, torch.Tensor]:
+                      islands: set[str] | None = None, every_value: bool = True,
+                      floats: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Every uint8 value of the qdq/qoperator graph (as int64 tensors, keyed by tensor name), and
     the float `logits`, computed from the artifact with onnxruntime's integer arithmetic; the
     values computed by float islands are added to `islands` when given; a value the graph keeps
-    in float (`float_values`) is a float32 tensor. With `every_value` False only the output is kept
+    in float (`floats`, by default `float_values`) is a float32 tensor. With `every_value` False only the output is kept
     (each value is freed after its last reader: a large graph's values, as int64, would not fit in
     memory at once)."""
-    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers))
+    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers) if floats is None else floats)
     q: dict[str, torch.Tensor] = {}
     last = {v: k for k, op in enumerate(ops) for v in op.inputs}
     if INPUT in qp:
@@ -109,11 +110,11 @@ def integer_op(ctx: Ctx, op: Op, qin: list[torch.Tensor], x: torch.Tensor, qp: d
 
 @torch.no_grad()
 def layerwise_steps(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor,
-                    got: dict[str, np.ndarray]) -> list[dict]:
+                    got: dict[str, np.ndarray], floats: set[str] | None = None) -> list[dict]:
     """Per op, in execution order: the reference op applied to onnxruntime's own uint8 inputs of
     that op (`got`, by tensor name), against onnxruntime's output of it; max |Δ| in steps. The raw
     input is quantized by the reference; a value onnxruntime does not expose is the reference's."""
-    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers))
+    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers) if floats is None else floats)
     vals: dict[str, torch.Tensor] = {}
     out = []
     if INPUT in qp:
@@ -157,6 +158,14 @@ def float_reference(ops: list[Op], x: torch.Tensor) -> dict[str, torch.Tensor]:
     vals = evaluate(ops, x)
     vals.pop(INPUT)
     return vals
+
+
+def kept_float(model, ops: list[Op], layers: dict) -> set[str]:
+    """The values the file keeps in float: of those `float_values` allows, the ones no node of it
+    quantizes (a file written before float islands passed float values on quantizes every one,
+    and is judged as what it is)."""
+    produced = {o for n in model.graph.node for o in n.output}
+    return {v for v in float_values(ops, layers) if qname(v) not in produced}
 
 
 def read_qparams(model, ops: list[Op], floats: set[str] = frozenset()) -> dict[str, QParams]:
@@ -264,7 +273,8 @@ def _run(model, level: str, config: dict, x: np.ndarray, batch_size: int, names:
     return {n: np.concatenate(v) for n, v in chunks.items()}
 
 
-def _layerwise_run(model, level: str, config: dict, art, ops: list[Op], qp: dict, x: np.ndarray, batch_size: int):
+def _layerwise_run(model, level: str, config: dict, art, ops: list[Op], qp: dict, x: np.ndarray, batch_size: int,
+                   floats: set[str]):
     """The graph's output, and per layer the worst difference of onnxruntime's output from the
     reference op applied to onnxruntime's own inputs (`layerwise_steps`), over every batch."""
     names = [qname(INPUT)] + [qname(op.out) for op in ops if op.out != OUTPUT]
@@ -272,7 +282,7 @@ def _layerwise_run(model, level: str, config: dict, art, ops: list[Op], qp: dict
     for i, outs in _batches(model, level, config, x, min(batch_size, 64), names, elem_type=2):
         outputs.append(outs[OUTPUT])
         xt = torch.as_tensor(np.ascontiguousarray(x[i:i + min(batch_size, 64)], dtype=np.float32))
-        for rec in layerwise_steps(art, ops, qp, xt, outs):
+        for rec in layerwise_steps(art, ops, qp, xt, outs, floats):
             w = worst.setdefault(rec["tensor"], dict(rec))
             w["max_steps"] = max(w["max_steps"], rec["max_steps"])
             w["share_differing"] = max(w.get("share_differing", 0.0), rec.get("share_differing", 0.0))
@@ -313,14 +323,15 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
     integer = FORMS[form].integer
     xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
     try:
-        qp = read_qparams(model, ops, float_values(ops, art.layers)) if integer else None
+        floats = kept_float(model, ops, art.layers) if integer else set()
+        qp = read_qparams(model, ops, floats) if integer else None
     except (ValueError, TypeError, IndexError) as e:  # a quantization parameter of the wrong type or shape
         if isinstance(e, UserError):
             raise
         raise BadFile(f"{model_path}: its quantization parameters are malformed ({e}); it was edited or corrupted") from None
     refs, islands = [], set()
     for i in range(0, len(xt), batch_size):
-        r = integer_reference(art, ops, qp, xt[i:i + batch_size], islands, every_value=False) if integer \
+        r = integer_reference(art, ops, qp, xt[i:i + batch_size], islands, every_value=False, floats=floats) if integer \
             else {OUTPUT: evaluate(ops, xt[i:i + batch_size], keep=False)[OUTPUT]}
         refs.append(r[OUTPUT].numpy())
     ref = np.concatenate(refs).reshape(len(xt), -1)  # per sample, flattened (any output shape)
@@ -342,7 +353,7 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
 
     def div_ref() -> dict[str, torch.Tensor]:  # every value on a few samples, for the first divergence (once)
         if not div:
-            div.update(integer_reference(art, ops, qp, xt[:divergence_samples]) if integer
+            div.update(integer_reference(art, ops, qp, xt[:divergence_samples], floats=floats) if integer
                        else float_reference(ops, xt[:divergence_samples]))
         return div
 
@@ -366,7 +377,7 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
         unfused = not FORMS[form].always_integer_kernels and level == "disable"  # float ops on dequantized values
         layerwise = integer and (unfused or bool(islands))
         if layerwise:
-            got, layers = _layerwise_run(model, level, config, art, ops, qp, x, batch_size)
+            got, layers = _layerwise_run(model, level, config, art, ops, qp, x, batch_size, floats)
         else:
             got = _run(model, level, config, x, batch_size)[OUTPUT]
         got = got.reshape(len(got), -1)
