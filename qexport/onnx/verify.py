@@ -67,9 +67,9 @@ def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tenso
     """Every uint8 value of the qdq/qoperator graph (as int64 tensors, keyed by tensor name), and
     the float `logits`, computed from the artifact with onnxruntime's integer arithmetic; the
     values computed by float islands are added to `islands` when given; a value the graph keeps
-    in float (`floats`, by default `float_values`) is a float32 tensor. With `every_value` False only the output is kept
-    (each value is freed after its last reader: a large graph's values, as int64, would not fit in
-    memory at once)."""
+    in float (`floats`, by default `float_values`) is a float32 tensor. With `every_value` False
+    only the output is kept (each value is freed after its last reader: a large graph's values,
+    as int64, would not fit in memory at once)."""
     ctx = Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers) if floats is None else floats)
     q: dict[str, torch.Tensor] = {}
     last = {v: k for k, op in enumerate(ops) for v in op.inputs}
