@@ -28,9 +28,17 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import zoo_models  # noqa: E402
-from zoo import onnxruntime_steps  # noqa: E402
+from zoo import onnxruntime_steps, session  # noqa: E402
 
 MODELS = {"fashion-mobilenet_v2": "fashion_mobilenet_v2", "fashion-vit": "fashion_vit"}
+
+
+def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy (%) of an ONNX classifier in onnxruntime on every test image."""
+    sess = session(path)
+    out = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: np.asarray(x[i:i + 500], np.float32)})[0]
+                          for i in range(0, len(x), 500)])
+    return round(float((out.argmax(1) == y).mean() * 100), 2)
 
 
 def main() -> None:
@@ -61,12 +69,7 @@ def main() -> None:
             ort = onnxruntime_steps(model, x01_train.astype(np.float32), x01_test.astype(np.float32), ref, Path(tmp))
             for fmt in ("qdq", "qoperator"):
                 if ort.get(fmt, {}).get("ok"):
-                    from zoo import session
-
-                    sess = session(Path(tmp) / f"ort-{fmt}.onnx")
-                    out = np.concatenate([sess.run(None, {"input": x01_test[i:i + 500].astype(np.float32)})[0]
-                                          for i in range(0, len(x01_test), 500)])
-                    ort[fmt]["accuracy"] = round(float((out.argmax(1) == fm.y_test).mean() * 100), 2)
+                    ort[fmt]["accuracy"] = onnx_accuracy(Path(tmp) / f"ort-{fmt}.onnx", x01_test, fm.y_test)
             res["onnxruntime int8"] = ort
             for method in a.methods.split(","):
                 for bits in map(int, a.bits.split(",")):
@@ -81,13 +84,8 @@ def main() -> None:
                         api.to_onnx(art, path, "qdq", data)
                         rep = api.verify(path, art, data, max_samples=1000)
                         row["qdq_verify"] = "PASSED" if rep["passed"] else "FAILED"
-                        from zoo import session
-
-                        sess = session(path)
-                        x = np.asarray(fm.x_test, np.float32).reshape(len(fm.x_test), *art.meta["architecture"]["input_shape"])
-                        out = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 500]})[0]
-                                              for i in range(0, len(x), 500)])
-                        row["qdq_onnxruntime_accuracy"] = round(float((out.argmax(1) == fm.y_test).mean() * 100), 2)
+                        x = np.asarray(fm.x_test).reshape(len(fm.x_test), *art.meta["architecture"]["input_shape"])
+                        row["qdq_onnxruntime_accuracy"] = onnx_accuracy(path, x, fm.y_test)
                     res[key] = row
                     print(name, key, json.dumps(row), flush=True)
                     Path(a.out).write_text(json.dumps(results, indent=2))
