@@ -31,7 +31,8 @@ def reads_input(ops: list[Op]) -> bool:
 def float_values(ops: list[Op], layers: dict) -> set[str]:
     """The values the integer forms keep in float: computed in float (by a float island, or by an op
     that only moves or selects a float value) and read only by ops that compute in float (float
-    islands, and moves, which commute with quantization). Every other value is uint8."""
+    islands onnxruntime does not fuse into an integer kernel, and moves, which commute with
+    quantization). Every other value is uint8."""
     readers: dict[str, list[Op]] = {}
     for op in ops:
         for i in op.inputs:
@@ -45,7 +46,8 @@ def float_values(ops: list[Op], layers: dict) -> set[str]:
     for op in ops:
         moves_float = KINDS[op.kind].pass_through and op.inputs[0] in floats
         if (island(op) or moves_float) and op.out != OUTPUT and op.out in readers \
-                and all(island(r) or KINDS[r.kind].pass_through for r in readers[op.out]):
+                and all((island(r) and not KINDS[r.kind].fused_by_onnxruntime(r)) or KINDS[r.kind].pass_through
+                        for r in readers[op.out]):
             floats.add(op.out)
     return floats
 

@@ -126,6 +126,12 @@ class Kind:
         `qdq`); otherwise it is a float island (DequantizeLinear -> float op -> QuantizeLinear)."""
         return False
 
+    def fused_by_onnxruntime(self, op: Op) -> bool:
+        """Whether onnxruntime's graph optimisations turn this float island (DequantizeLinear ->
+        op -> QuantizeLinear) into one integer kernel, which they do only when every input is
+        quantized: its inputs then stay uint8 even where float values could be passed on."""
+        return False
+
     def onnx(self, ctx: Ctx, op: Op, ins: list[str], out: str) -> str:
         raise NotImplementedError(self.name)
 
