@@ -31,7 +31,6 @@ def main() -> None:
     a = ap.parse_args()
     import qexport.onnx.integer_graph as integer_graph
     from qexport.ops.mul import KIND as MUL
-    from qadmm.train import agreement
     from qexport import api
 
     torch.set_num_threads(1)
@@ -43,7 +42,7 @@ def main() -> None:
     for name in a.models.split(","):
         model = build(name, x=calib)
         with torch.no_grad():
-            ref = model(torch.as_tensor(x_test))
+            ref = model(torch.as_tensor(x_test)).numpy()
         art = api.quantize(model, data, "ptq", 8, per_channel=True, calib_samples=512)
         for form in ("qdq", "qoperator"):
             sess = {}
@@ -68,12 +67,12 @@ def main() -> None:
                         s.run(None, {s.get_inputs()[0].name: x})
                         t[k].append(time.perf_counter() - t0)
                 ms[b] = {k: float(np.median(v)) * 1e3 for k, v in t.items()}
-            close = {k: agreement(ref, torch.as_tensor(np.concatenate([s.run(None, {s.get_inputs()[0].name: np.asarray(
-                x_test[i:i + 100], np.float32)})[0] for i in range(0, len(x_test), 100)])), True) for k, s in sess.items()}
+            close = {k: zoo.closeness(s, x_test, ref) for k, s in sess.items()}
             new = "float values"
             print(f"{name} {form}: " + "; ".join(
                 f"{k}: b1 {ms[1][k]:.2f} ms ({ms[1][k] / ms[1][new]:.2f}x), b32 {ms[32][k]:.1f} ms ({ms[32][k] / ms[32][new]:.2f}x), "
-                f"SQNR {close[k]['sqnr_db']} dB, agreement {close[k]['top1_agreement']} %" for k in sess), flush=True)
+                f"SQNR {close[k]['sqnr_db']} dB, agreement {close[k]['agreement']} %" for k in sess), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -235,9 +235,9 @@ def test_unsupported_is_refused_at_quantize_time(digits01, make, needle):
 
 
 def test_what_onnx_cannot_express_is_refused_at_export_with_the_op(tmp_path, digits01, monkeypatch):
-    """An op torch.onnx cannot translate (here: torch.onnx made to refuse the sigmoid) was captured
-    and quantized (it runs in PyTorch): `to_onnx` names the op and torch.onnx's reason, and writes
-    nothing."""
+    """An op torch.onnx cannot translate (here: torch.onnx made to refuse the adaptive pool) was
+    captured and quantized (it runs in PyTorch): `to_onnx` names the op and torch.onnx's reason, and
+    writes nothing."""
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 10), nn.Sigmoid())
     art = qexport.quantize(model, digits01, "ptq", 8)
     assert [op.kind for op in art.graph.ops] == ["conv", "aten", "flatten", "linear", "sigmoid"]

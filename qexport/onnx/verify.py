@@ -60,6 +60,12 @@ class Tolerance:
 # ---------------------------------------------------------------------------------------------
 # The integer reference (ORT x86 arithmetic, `qexport.ops.integer`), op by op through the kinds.
 
+def reference_ctx(art, ops: list[Op], qp: dict[str, QParams], floats: set[str] | None) -> Ctx:
+    """What the integer reference computes with: the artifact's codes, the activation parameters and
+    the values kept in float (`floats`, by default those `float_values` allows)."""
+    return Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers) if floats is None else floats)
+
+
 @torch.no_grad()
 def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor,
                       islands: set[str] | None = None, every_value: bool = True,
@@ -70,7 +76,7 @@ def integer_reference(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tenso
     in float (`floats`, by default `float_values`) is a float32 tensor. With `every_value` False
     only the output is kept (each value is freed after its last reader: a large graph's values,
     as int64, would not fit in memory at once)."""
-    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers) if floats is None else floats)
+    ctx = reference_ctx(art, ops, qp, floats)
     q: dict[str, torch.Tensor] = {}
     last = {v: k for k, op in enumerate(ops) for v in op.inputs}
     if INPUT in qp:
@@ -114,7 +120,7 @@ def layerwise_steps(art, ops: list[Op], qp: dict[str, QParams], x: torch.Tensor,
     """Per op, in execution order: the reference op applied to onnxruntime's own uint8 inputs of
     that op (`got`, by tensor name), against onnxruntime's output of it; max |Δ| in steps. The raw
     input is quantized by the reference; a value onnxruntime does not expose is the reference's."""
-    ctx = Ctx(None, art.layers, qp, None, art.graph.shapes, floats=float_values(ops, art.layers) if floats is None else floats)
+    ctx = reference_ctx(art, ops, qp, floats)
     vals: dict[str, torch.Tensor] = {}
     out = []
     if INPUT in qp:
