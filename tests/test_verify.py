@@ -275,8 +275,7 @@ class Gate(nn.Module):
 def test_a_gate_stays_quantized_so_onnxruntime_fuses_its_product(digits, tmp_path):
     """The sigmoid is a float island read only by a float island (the product), yet its value stays
     uint8: onnxruntime fuses DequantizeLinear -> Mul -> QuantizeLinear into QLinearMul only when both
-    inputs are quantized (float gates left the SE blocks of EfficientNet and MobileNetV3 in float,
-    1.1-1.8x slower)."""
+    inputs are quantized (float gates left the SE blocks of EfficientNet and MobileNetV3 in float)."""
     import onnxruntime as ort
 
     from qexport.graph import fuse
