@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SCHEMES = ("binary", "symmetric", "thesis")
@@ -67,8 +68,14 @@ class CodeSet:
             return [-1, 1]
         return list(range(-self.qmax, self.qmax + 1))
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest code to each entry of x (same dtype as x). Binary maps 0 to +1."""
+    def project(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Nearest code to each entry of x (same dtype, and a NumPy array for one: GPTQ's column loop runs
+        in NumPy, whose calls cost a tenth of torch's on a few hundred values). Binary maps 0 to +1;
+        ties round to even in both."""
+        if isinstance(x, np.ndarray):
+            if self.scheme == "binary":
+                return np.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+            return np.clip(np.rint(x), -self.qmax, self.qmax)
         if self.scheme == "binary":
             return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
         return torch.clamp(torch.round(x), -self.qmax, self.qmax)

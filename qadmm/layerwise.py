@@ -34,6 +34,15 @@ def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
     return float((times_hessian(dw, h) * dw).sum())
 
 
+def relative_output_errors(w: torch.Tensor, approx: list[torch.Tensor], h: torch.Tensor) -> list[float]:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) for each approximation of W (any shape with W's rows), in float32:
+    a log, not a decision (the solvers compare with the float64 `output_error`)."""
+    w, h32 = w.reshape(len(w), -1).float(), h.float()
+    errs = [float((times_hessian(dw, h32) * dw).double().sum())
+            for dw in [w, *[w - a.reshape(len(w), -1).float() for a in approx]]]
+    return [e / max(errs[0], 1e-30) for e in errs[1:]]
+
+
 def layer_codes(q: torch.Tensor, alpha: torch.Tensor, shape: torch.Size, codes: CodeSet, per_channel: bool) -> LayerCodes:
     """Codes from a solver (a float matrix of integers and α) in the layer's shape and storage types."""
     alpha = alpha.float().clamp_min(ZERO_SCALE)
@@ -71,9 +80,8 @@ def _layer(model: nn.Module, name: str, m: nn.Module, x: torch.Tensor, spec: Qua
     h = input_hessian(model, m, x)
     q, alpha, solver_log = solve(w, h, codes, nearest)
     layers[name] = layer_codes(q, alpha, m.weight.shape, codes, spec.per_channel)
-    base = max(output_error(w, h), 1e-30)
-    log = {"out_err_nearest": output_error(w - nearest.dequantize().reshape(len(w), -1), h) / base,
-           "out_err": output_error(w - layers[name].weight().reshape(len(w), -1), h) / base, **solver_log}
+    err_nearest, err = relative_output_errors(w, [nearest.dequantize(), layers[name].weight()], h)
+    log = {"out_err_nearest": err_nearest, "out_err": err, **solver_log}
     with torch.no_grad():
         m.weight.copy_(layers[name].weight())
     if after is not None:

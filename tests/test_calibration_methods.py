@@ -47,6 +47,14 @@ def test_gptq_error_feedback_beats_nearest_rounding_on_the_layer_output(digits_c
         assert err_gptq < 0.5 * err_nearest, (err_gptq, err_nearest)
 
 
+def test_gptq_in_activation_order_rounds_every_column_and_beats_nearest(digits_cnn, digits):
+    _, w, h = layer_and_hessian(digits_cnn, digits, "body.4")
+    codes = CodeSet.default(3)
+    q, alpha = GPTQ(w, h).quantize(codes, True, GPTQParams(refit_scale=False, act_order=True, block_size=16))
+    assert codes.contains(q) and q.shape == w.shape
+    assert output_error(w - q * alpha[:, None], h) < output_error(w - fit(w, codes, per_channel=True).dequantize(), h)
+
+
 def test_gptq_scale_refit_never_raises_the_output_error(digits_cnn, digits):
     _, w, h = layer_and_hessian(digits_cnn, digits, "body.4")
     codes = CodeSet.default(3)

@@ -25,6 +25,14 @@ def test_bad_code_sets_are_refused(bits, scheme, msg):
         CodeSet(bits, scheme)
 
 
+@pytest.mark.parametrize("cs", CODESETS, ids=str)
+def test_numpy_and_torch_projections_agree_entry_for_entry(cs):
+    # GPTQ rounds its columns in NumPy: the same nearest code, ties to even, clamped, binary 0 -> +1
+    x = torch.cat([torch.arange(-300, 301, dtype=torch.float64) / 2, torch.randn(1000, dtype=torch.float64) * cs.qmax,
+                   torch.tensor([0.0, -0.0, 1e-300, -1e300])])
+    assert torch.equal(torch.from_numpy(cs.project(x.numpy())), cs.project(x))
+
+
 shapes = st.sampled_from([(1,), (7,), (3, 5), (4, 1, 3, 3), (16, 9)])
 
 

@@ -73,29 +73,32 @@ class GPTQ:
         """Upper Cholesky factor U of (H + λI)⁻¹ (H⁻¹ = UᵀU), damping raised tenfold until H is positive
         definite. With J the order reversal, if JHJ = LLᵀ then H⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J) and J L⁻¹ J is
         upper triangular: one Cholesky and one triangular inverse, half the work of inverting H and
-        factoring the inverse (the same U to rounding)."""
+        factoring the inverse (the same U to rounding). JMJ of a contiguous square M is its memory read
+        backwards (entry (i, j) moves to d² − 1 − (i·d + j)): a reversed copy, not a strided flip."""
         mean_diag = float(torch.diagonal(h).mean()) or 1.0
-        flipped = h.flip(0, 1)  # JHJ, whose diagonal is H's reversed
         for k in range(6):
-            hd = flipped.clone()
+            hd = _reversed(h)  # JHJ, whose diagonal is H's reversed
             hd.diagonal().add_((damp * 10**k) * mean_diag)
             lo, info = torch.linalg.cholesky_ex(hd)
+            del hd
             if int(info) == 0:  # torch's factor is column-major: LAPACK inverts it in place, without a copy
                 inv, info = lapack.dtrtri(lo.numpy(), lower=1, overwrite_c=1)
                 if info == 0:
-                    return torch.from_numpy(inv).flip(0, 1).contiguous()
+                    return _reversed(torch.from_numpy(inv))
         raise RuntimeError("GPTQ: the input Hessian stays singular after damping")
 
     def quantize(self, codes: CodeSet, per_channel: bool, p: Params, nearest: Fit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (out, d) as float64 integers and α (out,) or (1,). α starts from the α/Q fit of W
         (`nearest`, when given, is that fit: reused unless some input is dead, which changes W)."""
-        hs = (self.h if self.h.dim() == 3 else self.h[None]).clone()
+        hs = self.h if self.h.dim() == 3 else self.h[None]
         w = self.w0.clone().reshape(len(hs), -1, self.w0.shape[1])  # (groups, rows per group, d)
-        diag = hs.diagonal(dim1=1, dim2=2)
-        dead = diag == 0  # inputs that are always 0: any code is exact there
-        diag[dead] = 1.0
-        w.masked_fill_(dead[:, None, :], 0.0)
-        if nearest is None or bool(dead.any()):
+        dead = hs.diagonal(dim1=1, dim2=2) == 0  # inputs that are always 0: any code is exact there
+        if bool(dead.any()):
+            hs = hs.clone()
+            hs.diagonal(dim1=1, dim2=2)[dead] = 1.0
+            w.masked_fill_(dead[:, None, :], 0.0)
+            nearest = None
+        if nearest is None:
             nearest = fit(w.reshape(self.w0.shape), codes, per_channel)
         alpha = nearest.alpha.double().reshape(-1)
         a = alpha.expand(len(self.w0)).reshape(len(hs), -1)  # α per row
@@ -105,25 +108,36 @@ class GPTQ:
         return q, alpha
 
     def round_group(self, w: torch.Tensor, h: torch.Tensor, a: torch.Tensor, codes: CodeSet, p: Params) -> torch.Tensor:
-        """Algorithm 1 on rows w (r, d) sharing the Hessian h (d, d), scales a (r,) fixed: the codes (r, d)."""
-        perm = torch.argsort(torch.diagonal(h), descending=True) if p.act_order else torch.arange(len(h))
-        w, h = w[:, perm], h[perm][:, perm]
+        """Algorithm 1 on rows w (r, d) sharing the Hessian h (d, d), scales a (r,) fixed: the codes (r, d).
+        The weights are held transposed, (d, r), so that a column is a contiguous row; the loop over the
+        columns of a block runs in NumPy (cheap calls on a few hundred values), the block updates in torch."""
+        perm = torch.argsort(torch.diagonal(h), descending=True) if p.act_order else None
+        if perm is not None:
+            w, h = w[:, perm], h[perm][:, perm]
         u = self.hinv_factor(h, p.damp)
-        q = torch.zeros_like(w)
-        d = w.shape[1]
+        wt = w.T.contiguous()  # (d, r); w is not changed
+        q = torch.zeros_like(wt)
+        wt_, q_, u_, a_ = wt.numpy(), q.numpy(), u.numpy(), a.contiguous().numpy()
+        d = len(wt)
         for i1 in range(0, d, p.block_size):  # Algorithm 1 with lazy batch updates
             i2 = min(i1 + p.block_size, d)
-            w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-            err = torch.zeros_like(w1)
+            w1, u1 = wt_[i1:i2], u_[i1:i2, i1:i2]  # w1 is a view: the block is updated in place
             for j in range(i2 - i1):
-                col = w1[:, j]
-                qj = codes.project(col / a)
-                q[:, i1 + j] = qj
-                e = (col - a * qj) / u1[j, j]
-                w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
-                err[:, j] = e
-            w[:, i2:] -= err @ u[i1:i2, i2:]
-        return q[:, torch.argsort(perm)]
+                col = w1[j]
+                qj = codes.project(col / a_)
+                q_[i1 + j] = qj
+                e = (col - a_ * qj) / u1[j, j]  # eq. 3: the error of column j, scaled by U_jj
+                w1[j:] -= u1[j, j:, None] * e[None, :]  # ... spread over the block's later columns
+                w1[j] = e  # column j is done: its row holds the error for the update below
+            if i2 < d:  # eq. 2, lazily: the block's errors (r, B) onto the later columns
+                wt[i2:] -= (wt[i1:i2].T.contiguous() @ u[i1:i2, i2:]).T
+        q = q.T
+        return q[:, torch.argsort(perm)] if perm is not None else q.contiguous()
+
+
+def _reversed(m: torch.Tensor) -> torch.Tensor:
+    """J M J for a square matrix M: a contiguous copy with rows and columns in reverse order."""
+    return m.contiguous().reshape(-1).flip(0).reshape(m.shape)
 
 
 def layer_solver(spec: QuantSpec) -> Solver:
