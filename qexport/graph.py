@@ -448,11 +448,15 @@ def evaluate(ops: list[Op], x: torch.Tensor, keep: bool = True) -> dict[str, tor
     return vals
 
 
-def fuse(graph: Graph) -> list[Op]:
+def fuse(graph: Graph, split_silu: bool = True) -> list[Op]:
     """The ops for export: a BatchNorm and then a ReLU or ReLU6 folded into the linear/conv before
     them (also into an add) where that op is their only producer and they its only consumer. A
     folded ReLU6 makes the value's uint8 range [0, hi <= 6]: the integer kernel's clamp is the clip,
-    as onnxruntime's quantizer fuses it, instead of a float island quantizing the conv's wider range."""
+    as onnxruntime's quantizer fuses it, instead of a float island quantizing the conv's wider range.
+    A SiLU, x·σ(x), becomes a sigmoid and a product (`split_silu`): the integer forms then quantize
+    σ(x) on its own calibrated range and onnxruntime runs QLinearSigmoid and QLinearMul, where one
+    float island cost a third of efficientnet_b0's time (benchmarks/zoo.py; the weights form writes
+    the same two nodes either way). A file written before the split is verified unsplit."""
     uses: dict[str, int] = {OUTPUT: 1}
     for op in graph.ops:
         for i in op.inputs:
@@ -468,6 +472,11 @@ def fuse(graph: Graph) -> list[Op]:
         elif single and op.kind in ("relu6", "hardtanh") and op.attrs.get("min_val") == 0.0 and op.attrs["max_val"] > 0 \
                 and prev.kind in ("linear", "conv", "add") and not prev.relu:
             prev.relu, prev.relu_max, prev.out = True, float(op.attrs["max_val"]), op.out
+        elif op.kind == "silu" and split_silu:
+            sig = f"{op.out}_sigmoid"
+            while sig in uses or any(o.out == sig for o in graph.ops):  # a name of the model's own
+                sig += "_"
+            fused += [Op("sigmoid", f"{op.name}.sigmoid", list(op.inputs), sig), Op("mul", op.name, [op.inputs[0], sig], op.out)]
         else:
             fused.append(copy.copy(op))
     return fused

@@ -294,6 +294,41 @@ def test_a_gate_stays_quantized_so_onnxruntime_fuses_its_product(digits, tmp_pat
     assert report["passed"], report["runs"]
 
 
+def silu_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.SiLU(), nn.Linear(32, 10)).eval()
+
+
+def test_silu_runs_as_quantized_sigmoid_and_product_and_older_files_still_verify(digits, tmp_path, monkeypatch):
+    """SiLU is written as a quantized sigmoid times its input, which onnxruntime runs as QLinearSigmoid
+    and QLinearMul (one float island cost a third of efficientnet_b0's time); a file written before
+    that, with SiLU one float island, is verified as written."""
+    import onnxruntime as ort
+
+    import qexport.graph as graph
+    import qexport.onnx.export as export
+
+    art = qexport.quantize(silu_net(), digits, "ptq", 8, per_channel=True)
+    path = tmp_path / "silu.onnx"
+    qexport.to_onnx(art, path, "qdq", digits)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "silu.optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(tmp_path / "silu.optimized.onnx").graph.node}
+    assert {"QLinearSigmoid", "QLinearMul"} <= fused and "Sigmoid" not in fused, fused
+    unsplit = graph.fuse
+    with monkeypatch.context() as m:  # the exporter before the split
+        m.setattr(graph, "fuse", lambda g: unsplit(g, split_silu=False))
+        m.setattr(export, "fuse", lambda g: unsplit(g, split_silu=False))
+        qexport.to_onnx(art, tmp_path / "old.onnx", "qdq", digits)
+    old = {n.op_type for n in onnx.load(tmp_path / "old.onnx").graph.node}
+    assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / "old.onnx").graph.node) \
+        == sum(n.op_type == "QuantizeLinear" for n in onnx.load(path).graph.node) - 1 and "Sigmoid" in old
+    for p in (path, tmp_path / "old.onnx"):
+        report = qexport.verify(p, art, digits)
+        assert report["passed"], (p, report["runs"])
+
+
 def test_a_file_that_quantizes_every_value_is_judged_as_written(digits, tmp_path, monkeypatch):
     """A file written before float islands passed float values on (every value quantized) still
     passes `verify`: the reference follows which values the file quantizes."""

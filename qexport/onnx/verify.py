@@ -166,6 +166,17 @@ def float_reference(ops: list[Op], x: torch.Tensor) -> dict[str, torch.Tensor]:
     return vals
 
 
+def file_ops(model, art) -> list[Op]:
+    """The ops an integer file was written from: `fuse`'s, or, for a file written before `fuse` split
+    SiLU into a sigmoid and a product (no node yields the sigmoid's value), the unsplit ones."""
+    ops = fuse(art.graph)
+    added = {op.out for op in ops} - {op.out for op in art.graph.ops}
+    produced = {o for n in model.graph.node for o in n.output}
+    if added and not any(qname(v) in produced or f"{v}.float" in produced for v in added):
+        return fuse(art.graph, split_silu=False)
+    return ops
+
+
 def kept_float(model, ops: list[Op], layers: dict) -> set[str]:
     """The values the file keeps in float: of those `float_values` allows, the ones no node of it
     quantizes (a file written before float islands passed float values on quantizes every one,
@@ -325,8 +336,8 @@ def verify(model_path: str, art, x: np.ndarray, y: np.ndarray | None, tol: Toler
         raise UserError(f"{model_path} was not written by `qexport to-onnx` (no qexport.form in its metadata): "
                         f"`qexport run` evaluates any ONNX classifier, `verify` needs a qexport export")
     check_signature(model, art, model_path)
-    ops = fuse(art.graph)
     integer = FORMS[form].integer
+    ops = file_ops(model, art) if integer else fuse(art.graph)
     xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
     try:
         floats = kept_float(model, ops, art.layers) if integer else set()

@@ -2,7 +2,8 @@
 and tanh), Hardswish, Hardsigmoid. Integer graphs run them as float islands (DequantizeLinear -> op ->
 QuantizeLinear); each is one `Activation` below: its modules/functions, attributes, PyTorch
 function and ONNX nodes. GELU and SiLU are written with Erf/Tanh/Sigmoid so any opset >= 13 reads
-them (onnxruntime fuses the patterns back)."""
+them (onnxruntime fuses GELU back); the export splits SiLU into a sigmoid and a product before the
+integer forms see it (`qexport.graph.fuse`), which onnxruntime runs as QLinearSigmoid and QLinearMul."""
 from __future__ import annotations
 
 import math
