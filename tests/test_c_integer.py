@@ -120,6 +120,16 @@ def test_cli_refuses_ops_without_c_kernel(tmp_path, digits):
     art.save(tmp_path / "s.qx.safetensors")
     msg = run_cli(["to-c", str(tmp_path / "s.qx.safetensors"), "-o", str(tmp_path / "c")], code=2)
     assert msg.startswith("error: to-c has no integer C kernel") and "sigmoid" in msg and "qexport to-onnx" in msg
+
+
+def test_c_refusal_names_a_silu_as_the_model_has_it(tmp_path, digits):
+    # the ONNX export writes SiLU as a sigmoid and a product; the refusal names the model's own op
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.SiLU(), torch.nn.Linear(16, 10))
+    art = qexport.quantize(model.eval(), digits, "ptq", 4, progress=False)
+    art.save(tmp_path / "s.qx.safetensors")
+    msg = run_cli(["to-c", str(tmp_path / "s.qx.safetensors"), "-o", str(tmp_path / "c")], code=2)
+    assert "2 (silu)" in msg and "mul" not in msg, msg
     assert len(msg.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
 
 

@@ -171,7 +171,7 @@ def integer_c(art, packed, qp: dict[str, QParams], calib: dict) -> CModel:
     from qexport.onnx.integer_graph import check_int8, reads_input
 
     check_int8(art)
-    ops = fuse(art.graph)
+    ops = fuse(art.graph, split_silu=False)  # (a SiLU has no C kernel, whole or split: refused by its own name)
     cg = _emit(art, packed, qp, ops, skip_float_input=False)
     # values: the quantized input (if an op reads it) and every op's output
     values = ([INPUT] if reads_input(ops) else []) + [op.out for op in ops]
@@ -238,7 +238,7 @@ def check_c(art, packed) -> None:
     depends on the real ones, is checked by `integer_c`)."""
     from qexport.graph import fuse
 
-    ops = fuse(art.graph)
+    ops = fuse(art.graph, split_silu=False)
     qp = {v: QParams(np.float32(1.0), np.uint8(0)) for op in ops for v in [*op.inputs, op.out]}
     _emit(art, packed, qp, ops, skip_float_input=True)
 
