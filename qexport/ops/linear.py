@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qexport.ops.emit import MS_DOMAIN, float_bias, float_weight, int_weight, integer_layer
+from qexport.ops.emit import MS_DOMAIN, float_bias, float_weight, int_weight, integer_layer, qname
 from qexport.ops.integer import qlinear
 from qexport.ops.base import Ctx, Kind, Op, Unsupported
 
@@ -63,8 +63,8 @@ class Linear(Kind):
             return False
         x = ins[0] if self.on_rows(ctx, op) else to_rows(ctx, op, ins[0])
         y = ctx.b.node("Gemm", [x, *dq_weight_and_bias(ctx, op)], out if self.on_rows(ctx, op) else f"{out}.rows", transB=1)
-        if not self.on_rows(ctx, op):
-            from_rows(ctx, op, y, ins[0], out)
+        if not self.on_rows(ctx, op):  # the leading axes from the uint8 input: once onnxruntime fuses the
+            from_rows(ctx, op, y, qname(op.inputs[0]), out)  # Gemm, a Shape of the float one would keep its DequantizeLinear
         return True
 
     def integer(self, ctx: Ctx, op: Op, qs: list[torch.Tensor]) -> torch.Tensor | None:
