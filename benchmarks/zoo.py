@@ -280,7 +280,7 @@ def main() -> None:
                                                                     check=not args.no_verify)
             steps = [rec["onnxruntime"], *rec["qexport"].values()]  # every graph written, timed in turns
             graphs = {(k, form): r.pop("path") for k, step in enumerate(steps) for form, r in step.items() if "path" in r}
-            for (k, form), ms in paired_speed(dict(graphs), x_test).items():
+            for (k, form), ms in paired_speed(graphs, x_test).items():
                 steps[k][form]["ms"] = ms
         print(json.dumps(rec), file=sys.stderr)
         with args.out.open("a") as f:

@@ -27,19 +27,18 @@ from qadmm.spec import LayerCodes, QuantSpec
 Solver = Callable[[torch.Tensor, torch.Tensor, CodeSet, Fit], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
-def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
+def output_error(dw: torch.Tensor, h: torch.Tensor, dtype: torch.dtype = torch.float64) -> float:
     """tr(ΔW H ΔWᵀ): the mean squared output error of a weight change ΔW (out, d) on inputs with H = XᵀX/n
-    (summed over the groups when H holds one block per group)."""
-    dw = dw.double()
-    return float((times_hessian(dw, h) * dw).sum())
+    (summed over the groups when H holds one block per group), the products in `dtype`."""
+    dw = dw.to(dtype)
+    return float((times_hessian(dw, h.to(dtype)) * dw).double().sum())
 
 
 def relative_output_errors(w: torch.Tensor, approx: list[torch.Tensor], h: torch.Tensor) -> list[float]:
     """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) for each approximation of W (any shape with W's rows), in float32:
     a log, not a decision (the solvers compare with the float64 `output_error`)."""
     w, h32 = w.reshape(len(w), -1).float(), h.float()
-    errs = [float((times_hessian(dw, h32) * dw).double().sum())
-            for dw in [w, *[w - a.reshape(len(w), -1).float() for a in approx]]]
+    errs = [output_error(dw, h32, torch.float32) for dw in [w, *[w - a.reshape(len(w), -1).float() for a in approx]]]
     return [e / max(errs[0], 1e-30) for e in errs[1:]]
 
 

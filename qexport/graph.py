@@ -461,6 +461,7 @@ def fuse(graph: Graph, split_silu: bool = True) -> list[Op]:
     for op in graph.ops:
         for i in op.inputs:
             uses[i] = uses.get(i, 0) + 1
+    names = set(uses) | {op.out for op in graph.ops}
     fused: list[Op] = []
     for op in graph.ops:
         prev = fused[-1] if fused else None
@@ -474,7 +475,7 @@ def fuse(graph: Graph, split_silu: bool = True) -> list[Op]:
             prev.relu, prev.relu_max, prev.out = True, float(op.attrs["max_val"]), op.out
         elif op.kind == "silu" and split_silu:
             sig = f"{op.out}_sigmoid"
-            while sig in uses or any(o.out == sig for o in graph.ops):  # a name of the model's own
+            while sig in names:  # a name of the model's own
                 sig += "_"
             fused += [Op("sigmoid", f"{op.name}.sigmoid", list(op.inputs), sig), Op("mul", op.name, [op.inputs[0], sig], op.out)]
         else:
