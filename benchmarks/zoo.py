@@ -239,6 +239,9 @@ def main() -> None:
     ap.add_argument("--capture", action="store_true",
                     help="only capture each model (qexport.graph.trace): seconds, how, and max |Δ| of the graph vs the model")
     args = ap.parse_args()
+    unknown = [m for m in args.models.split(",") if m not in ZOO]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(ZOO)}")
     done = [json.loads(s) for s in args.out.read_text().splitlines() if s.strip()] if args.out.is_file() else []
     if args.table:
         print(table(done))
