@@ -230,7 +230,7 @@ PARALLEL_STARTS = 2**16
 # has) and refines it on the whole rows for REFINE_ROUNDS rounds, in REFINE_PIECES pieces of rows:
 # the search then costs about the same however large the layer (resnet18's and mobilenet_v2's
 # large layers: 0.4 % more squared error per channel on average than the search on every weight,
-# at 8 and 4 bits, in under half the time; README, "Calibration-only speed").
+# at 8 and 4 bits, in under half the time; docs/speed.md).
 SAMPLED_FIT = 2**18
 REFINE_ROUNDS = 10
 REFINE_PIECES = 8
