@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from qadmm import methods
 from qadmm.codes import CodeSet, fit
 from qadmm.errors import UserError
-from qadmm.layer_inputs import as_rows, input_hessian, weight_matrix
+from qadmm.layer_inputs import as_rows, gram, input_hessian, weight_matrix
 from qadmm.layers import select_layers
 from qadmm.layerwise import output_error
 from qadmm.methods.gptq import GPTQ, Params as GPTQParams
@@ -146,6 +147,25 @@ def test_unfolded_rows_reproduce_every_conv_and_the_hessian_has_one_block_per_gr
     d = rows.shape[1] // g
     blocks = torch.stack([full[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(g)])
     assert torch.allclose(h, blocks if g > 1 else blocks[0], atol=1e-5)
+
+
+def test_rows_of_a_strided_or_channels_last_or_unbatched_input_are_the_unfolded_patches():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=2)
+    x = torch.randn(2, 3, 9, 8)
+    want = F.unfold(F.pad(x, [1, 1, 1, 1]), 3, dilation=2, stride=2).transpose(1, 2).reshape(-1, 27)
+    assert torch.equal(as_rows(conv, x), want)  # the same values, in the layout weight_matrix multiplies
+    assert torch.equal(as_rows(conv, x.to(memory_format=torch.channels_last)), want)
+    assert torch.equal(as_rows(conv, x[:1, :, :, :]), want[:len(want) // 2])
+    assert torch.equal(as_rows(conv, x[0]), want[:len(want) // 2])  # unbatched (C, H, W)
+
+
+def test_gram_of_wide_rows_is_the_symmetric_product():
+    torch.manual_seed(0)
+    for d in (100, 700):  # below and above the blocked product's threshold
+        rows = torch.randn(300, d)
+        g = gram(rows)
+        assert torch.equal(g, g.T) and torch.allclose(g, rows.T @ rows, rtol=1e-5, atol=1e-3)
 
 
 def test_grouped_gptq_equals_gptq_on_each_group_per_channel():
