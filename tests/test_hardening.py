@@ -406,6 +406,24 @@ def test_ctrl_c_is_one_line_at_any_moment(tmp_path, moment):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_the_command_lets_openmp_threads_sleep_unless_told_otherwise(made, given):
+    """On a machine another job shares, spinning OpenMP threads keep the core their descheduled
+    partner needs (docs/speed.md): the command sets OMP_WAIT_POLICY=PASSIVE before torch loads,
+    and a value the user set stays. GNU OpenMP shows its settings on request; its spin count tells
+    PASSIVE (0) from its default (300000) and from ACTIVE, which both show other counts."""
+    env = {**os.environ, "OMP_DISPLAY_ENV": "VERBOSE"}
+    env.pop("OMP_WAIT_POLICY", None)
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    r = subprocess.run([sys.executable, "-m", "qexport", "inspect", str(made / "m.qx.safetensors")], capture_output=True,
+                       cwd=ROOT, env=env, timeout=HANG, text=True)
+    spin = [line.split("=")[1].strip() for line in r.stderr.splitlines() if line.strip().startswith("GOMP_SPINCOUNT")]
+    if not spin:
+        pytest.skip("torch's OpenMP runtime here is not GNU OpenMP")
+    assert r.returncode == 0 and (spin[0] == "'0'") == (given is None), spin
+
+
 # ---------------------------------------------------------------------------------------------
 # Messages that must not mislead.
 
