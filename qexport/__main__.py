@@ -2,7 +2,7 @@
 still importing (before click runs) prints one line instead of a traceback, and so that torch's
 OpenMP threads sleep rather than spin while they wait (OMP_WAIT_POLICY=PASSIVE unless set): on a
 machine where another job holds a core, a spinning thread keeps the core that its descheduled
-partner needs (resnet18 gptq: 2.07x slower with one other job when spinning, 1.67x when sleeping,
+partner needs (resnet18 gptq: 2.10x slower with one other job when spinning, 1.62x when sleeping,
 and about the same time on a quiet machine; docs/speed.md)."""
 from __future__ import annotations
 
