@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,16 +55,8 @@ def main() -> None:
                 finally:
                     integer_graph.float_values, MUL.fused_by_onnxruntime = real, fused
                 sess[tag] = zoo.session(path)
-            ms = {}
-            for b in (1, 32):
-                x = np.asarray(x_test[:b], np.float32)
-                t = {k: [] for k in sess}
-                for _ in range(30 if b == 1 else 8):
-                    for k, s in sess.items():
-                        t0 = time.perf_counter()
-                        s.run(None, {s.get_inputs()[0].name: x})
-                        t[k].append(time.perf_counter() - t0)
-                ms[b] = {k: float(np.median(v)) * 1e3 for k, v in t.items()}
+            paired = zoo.paired_speed(sess, x_test, {1: 30, 32: 8})  # {graph: {"1": ms, "32": ms}}
+            ms = {b: {k: paired[k][str(b)] for k in sess} for b in (1, 32)}
             close = {k: zoo.closeness(s, x_test, ref) for k, s in sess.items()}
             new = "float values"
             print(f"{name} {form}: " + "; ".join(

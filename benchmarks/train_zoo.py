@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -58,8 +59,6 @@ def save(state: dict[str, torch.Tensor], card: dict, output: str) -> None:
 
 def half(path: str, output: str) -> None:
     """Rewrite a float32 checkpoint with float16 weights; the card gets the test accuracy of the result."""
-    from safetensors import safe_open
-
     with safe_open(path, "pt") as f:
         card = json.loads(f.metadata()["card"])
     state = halved(load_file(path))

@@ -84,20 +84,19 @@ def session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def paired_speed(paths: dict, x: np.ndarray, rounds: int = 30) -> dict:
-    """Median milliseconds per run at batch 1 and 32 of every graph of one model (onnxruntime's default
-    settings, its threads), timed in turns: each round runs every graph once, so that what else the
-    machine does falls on all of them alike. (Timed one graph after another, the same file measured
-    0.76x and 1.31x onnxruntime's in two runs.)"""
-    sessions = {k: session(p) for k, p in paths.items()}
-    out: dict[str, dict] = {k: {} for k in paths}
-    for bs in (1, 32):
-        feeds = {k: {s.get_inputs()[0].name: x[:bs]} for k, s in sessions.items()}
+def paired_speed(sessions: dict, x: np.ndarray, rounds: dict[int, int] | None = None) -> dict:
+    """Median milliseconds per run at each batch size (`rounds`: batch size -> rounds, default 30 at
+    batch 1 and 32) of every onnxruntime session of one model, timed in turns: each round runs every
+    graph once, so that what else the machine does falls on all of them alike. (Timed one graph after
+    another, the same file measured 0.76x and 1.31x onnxruntime's in two runs.)"""
+    out: dict = {k: {} for k in sessions}
+    for bs, n in (rounds or {1: 30, 32: 30}).items():
+        feeds = {k: {s.get_inputs()[0].name: np.asarray(x[:bs], np.float32)} for k, s in sessions.items()}
         for k, s in sessions.items():
             for _ in range(3):
                 s.run(None, feeds[k])
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for _ in range(rounds):
+        times: dict = {k: [] for k in sessions}
+        for _ in range(n):
             for k, s in sessions.items():
                 t = time.perf_counter()
                 s.run(None, feeds[k])
@@ -283,7 +282,7 @@ def main() -> None:
                                                                     check=not args.no_verify)
             steps = [rec["onnxruntime"], *rec["qexport"].values()]  # every graph written, timed in turns
             graphs = {(k, form): r.pop("path") for k, step in enumerate(steps) for form, r in step.items() if "path" in r}
-            for (k, form), ms in paired_speed(graphs, x_test).items():
+            for (k, form), ms in paired_speed({g: session(p) for g, p in graphs.items()}, x_test).items():
                 steps[k][form]["ms"] = ms
         print(json.dumps(rec), file=sys.stderr)
         with args.out.open("a") as f:
